@@ -1,0 +1,366 @@
+"""The rewriter: apply a :class:`RuleSet` with a worklist until nothing matches.
+
+Per node popped from the worklist, only the rules indexed under its op type are
+tried (plus wildcard rules). A successful rewrite
+
+1. builds the replacement off-graph (so a refused or failing rewrite leaves the
+   graph untouched),
+2. refuses if a matched non-root node's output escapes the match,
+3. inserts the new nodes before the root, records provenance on each
+   (``graft.rule``, ``graft.replaced``), redirects the root outputs' readers,
+4. deletes the matched nodes and any producer left without readers,
+5. queues the new nodes and the readers of their outputs.
+
+It stops when the worklist is empty (:attr:`StopReason.SATURATED`) or after
+``max_rewrites`` (:attr:`StopReason.ITERATION_LIMIT`). Iteration order is the
+graph's node order and rules' registration order, so the output is the same
+for the same input whatever ``PYTHONHASHSEED`` is.
+"""
+from __future__ import annotations
+
+import enum
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from compiler.match import Failure, Match, Matcher, Miss
+from compiler.pattern import check_op_name, caller_location
+from compiler.rule import Rule, RuleSet
+from ir import Graph, Model, Node, Tensor, Value
+from ir.dtypes import DataType
+
+
+class StopReason(enum.Enum):
+    SATURATED = "saturated"           # no rule matches anywhere
+    ITERATION_LIMIT = "iteration_limit"  # max_rewrites reached; the graph is valid but may not be final
+
+
+class RuleError(RuntimeError):
+    """A rule raised, or returned something that is not a replacement. Names the rule and node."""
+
+
+@dataclass
+class RewriteResult:
+    """What a rewrite run did.
+
+    Attributes:
+        modified: any rewrite happened.
+        stop_reason: why the worklist stopped.
+        counts: rule name → number of rewrites.
+        rewrites: total rewrites.
+    """
+
+    modified: bool
+    stop_reason: StopReason
+    counts: Counter = field(default_factory=Counter)
+    rewrites: int = 0
+
+
+PROVENANCE_RULE = "graft.rule"
+PROVENANCE_REPLACED = "graft.replaced"
+
+
+class Builder:
+    """The ``op`` a replacement receives: builds nodes off-graph until the rewrite commits.
+
+    ``op.Conv(a, b, c, group=2)`` → the new node's output :class:`Value`
+    (a tuple with ``_outputs=N``). Inputs may be Values, None (absent optional),
+    or numpy arrays / Python scalars, which become new initializers.
+    ``op.const(array, dtype=None)`` makes an initializer explicitly.
+    ``op.domain("com.microsoft").X(...)`` for other domains.
+    """
+
+    def __init__(self, graph: Graph, rule_name: str, domain: str = "", state: dict | None = None):
+        self._graph = graph
+        self._rule = rule_name
+        self._domain = domain
+        self._state = state if state is not None else {"nodes": [], "consts": []}
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self._state["nodes"]
+
+    @property
+    def consts(self) -> list[Value]:
+        return self._state["consts"]
+
+    def domain(self, domain: str) -> "Builder":
+        return Builder(self._graph, self._rule, domain, self._state)
+
+    def const(self, array, dtype: DataType | None = None, name: str | None = None) -> Value:
+        """A new initializer (a copy: existing tensors are never aliased or edited)."""
+        arr = np.array(array, copy=True)
+        v = Value(self._graph.unique_name(name or f"{self._rule}_const"),
+                  const=Tensor(arr, dtype=dtype))
+        self.consts.append(v)
+        return v
+
+    def __getattr__(self, op_type: str):
+        if op_type.startswith("_"):
+            raise AttributeError(op_type)
+        check_op_name(op_type, self._domain, caller_location())
+
+        def make(*inputs, _outputs: int = 1, _name: str | None = None, **attrs):
+            ins = [self._as_value(x) for x in inputs]
+            hint = _name or op_type
+            outs = [Value(self._graph.unique_name(f"{hint}_out" if _outputs == 1 else f"{hint}_out{i}"))
+                    for i in range(_outputs)]
+            node = Node(op_type, ins, outs, {k: v for k, v in attrs.items() if v is not None},
+                        domain=self._domain, name=self._graph.unique_name(hint))
+            self.nodes.append(node)
+            return outs[0] if _outputs == 1 else tuple(outs)
+
+        return make
+
+    def _as_value(self, x):
+        if x is None or isinstance(x, Value):
+            return x
+        if isinstance(x, (np.ndarray, np.generic, int, float, bool, list)):
+            return self.const(np.asarray(x))
+        raise RuleError(f"rule {self._rule!r}: cannot use {type(x).__name__} {x!r} as a node input")
+
+    def discard(self) -> None:
+        for n in self.nodes:
+            n._drop_inputs()
+
+
+def _describe(node: Node) -> str:
+    return f"{node.op_type} node {node.name!r}"
+
+
+class Rewriter:
+    """Runs a :class:`RuleSet` over a model (subgraphs included) to a fixed point.
+
+    Args:
+        rules: the rule set.
+        max_rewrites: limit per graph; default 4 × nodes + 1000.
+        on_rewrite: optional callback ``(rule, match, new_nodes)`` for tracing.
+    """
+
+    def __init__(self, rules: RuleSet, *, max_rewrites: int | None = None,
+                 on_rewrite: Callable | None = None):
+        self.rules = rules
+        self.max_rewrites = max_rewrites
+        self.on_rewrite = on_rewrite
+
+    def run(self, model: Model) -> RewriteResult:
+        result = RewriteResult(False, StopReason.SATURATED)
+        for g in list(model.all_graphs()):
+            self._run_graph(g, model.opset, result)
+        result.modified = result.rewrites > 0
+        return result
+
+    def _run_graph(self, graph: Graph, opset: int, result: RewriteResult) -> None:
+        limit = self.max_rewrites if self.max_rewrites is not None else 4 * len(graph) + 1000
+        queue: deque[Node] = deque(graph)
+        queued: set[Node] = set(queue)
+        done = 0
+        matchers: dict[str, Matcher] = {}
+        sort_needed = False
+        while queue:
+            node = queue.popleft()
+            queued.discard(node)
+            if node.graph is not graph:
+                continue
+            for rule in self.rules.for_node(node.domain, node.op_type):
+                matcher = matchers.get(rule.name)
+                if matcher is None:
+                    matcher = matchers[rule.name] = Matcher(rule.roots, opset)
+                applied = self._try(rule, matcher, node, opset)
+                if applied is None:
+                    continue
+                new_nodes, touched, multi_root = applied
+                sort_needed |= multi_root
+                result.counts[rule.name] += 1
+                result.rewrites += 1
+                done += 1
+                for n in (*new_nodes, *touched):
+                    if n.graph is graph and n not in queued:
+                        queue.append(n)
+                        queued.add(n)
+                break
+            if done >= limit:
+                result.stop_reason = StopReason.ITERATION_LIMIT
+                break
+        if sort_needed:
+            graph.sort()
+
+    # -- one attempt ----------------------------------------------------------
+    def _try(self, rule: Rule, matcher: Matcher, node: Node, opset: int):
+        bindings = matcher.match(node)
+        if bindings is None:
+            return None
+        m = Match(bindings, self._roots(rule, bindings), opset, rule.name)
+        if explain_escape(m) is not None:
+            return None
+        if rule.check is not None:
+            verdict = _run_user(rule, "check", rule.check, (m,), node)
+            if verdict is not None and verdict is not True:
+                return None
+        return apply(rule, m, self.on_rewrite)
+
+    @staticmethod
+    def _roots(rule: Rule, bindings: dict) -> tuple[Node, ...]:
+        return bindings["__roots__"]
+
+
+def explain_escape(m: Match) -> Failure | None:
+    """A Failure if a matched non-root node's output is read outside the match."""
+    inside = set(m.nodes)
+    roots = set(m.roots)
+    for n in m.nodes:
+        if n in roots:
+            continue
+        for o in n.outputs:
+            if o.is_graph_output():
+                return Failure(f"output {o.name!r} of {_describe(n)} is a graph output, so the node "
+                               f"cannot be replaced", n)
+            for u in o.users():
+                if u not in inside:
+                    return Failure(f"output {o.name!r} of {_describe(n)} is also used by "
+                                   f"{_describe(u)} outside the pattern", n)
+    return None
+
+
+def _run_user(rule: Rule, what: str, fn, args, node: Node):
+    try:
+        return fn(*args)
+    except RuleError:
+        raise
+    except Exception as e:
+        raise RuleError(f"rule {rule.name!r} ({rule.where}): its {what} raised {type(e).__name__}: {e} "
+                        f"while rewriting {_describe(node)}") from e
+
+
+def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
+    """Build and commit ``rule``'s replacement for match ``m``.
+
+    Returns:
+        (new nodes, nodes to revisit, multi_root) or None when the engine refuses
+        the replacement (it would rename a model input or leave a cycle).
+
+    Raises:
+        RuleError: the replacement raised or returned the wrong number/kind of values.
+    """
+    graph = m.graph
+    op = Builder(graph, rule.name)
+    try:
+        out = _run_user(rule, "replacement", rule.replacement, (op, m), m.root)
+    except RuleError:
+        op.discard()
+        raise
+    if isinstance(out, Failure):
+        op.discard()
+        return None
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    old_outs = [o for r in m.roots for o in r.outputs]
+    if len(outs) != len(old_outs) or not all(isinstance(v, Value) for v in outs):
+        op.discard()
+        got = ", ".join(type(v).__name__ for v in outs)
+        raise RuleError(f"rule {rule.name!r} ({rule.where}): replacement must return {len(old_outs)} "
+                        f"Value(s) for the outputs of {', '.join(_describe(r) for r in m.roots)}, "
+                        f"got ({got})")
+    for old, new in zip(old_outs, outs):
+        if old.is_graph_output() and new is not old and not (new in _fresh_outputs(op) or (
+                new.producer is not None and new.graph is graph and not new.is_graph_output())):
+            # The model's output would have to be renamed onto an input/initializer: refuse
+            # rather than loop (e.g. Identity(input) as the graph output).
+            op.discard()
+            return None
+    # Commit: constants, then nodes before the root, in creation order.
+    for c in op.consts:
+        graph.add_initializer(c)
+    anchor = m.roots[0]
+    replaced = ",".join(n.name or n.outputs[0].name for n in m.nodes)
+    for n in op.nodes:
+        graph.insert_before(anchor, n)
+        n.meta[PROVENANCE_RULE] = rule.name
+        n.meta[PROVENANCE_REPLACED] = replaced
+    for old, new in zip(old_outs, outs):
+        if new is old:
+            continue
+        if new.dtype is None:
+            new.dtype, new.shape = old.dtype, old.shape
+        if new.producer is not None and new.producer in op.nodes:
+            new.meta["graft.replaces"] = old.name
+        old.replace_all_uses_with(new)
+    touched: list[Node] = []
+    # Delete matched nodes that nothing reads any more, root side first.
+    for n in m.nodes:
+        if n.graph is graph and not any(o.num_uses or o.is_graph_output() for o in n.outputs):
+            ins = [v for v in n.inputs if v is not None]
+            graph.remove(n, check_uses=False)
+            touched.extend(_drop_dead_producers(graph, ins))
+    for v in outs:
+        touched.extend(v.users())
+    if on_rewrite is not None:
+        on_rewrite(rule, m, op.nodes)
+    return op.nodes, touched, len(m.roots) > 1
+
+
+def _fresh_outputs(op: Builder) -> set[Value]:
+    return {o for n in op.nodes for o in n.outputs}
+
+
+def _drop_dead_producers(graph: Graph, values: list[Value]) -> list[Node]:
+    """Remove producers (transitively) whose outputs lost their last reader; return survivors touched."""
+    touched = []
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if v.num_uses == 0 and v.const is not None and v.graph is graph and v.name in graph.initializers \
+                and not v.is_graph_input() and not v.is_graph_output():
+            del graph.initializers[v.name]
+            continue
+        p = v.producer
+        if p is None or p.graph is not graph:
+            continue
+        if any(o.num_uses or o.is_graph_output() for o in p.outputs):
+            touched.append(p)
+            continue
+        ins = [x for x in p.inputs if x is not None]
+        graph.remove(p, check_uses=False)
+        stack.extend(ins)
+    return touched
+
+
+def rewrite(model: Model, rules: RuleSet | list[Rule], **kw) -> RewriteResult:
+    """Apply ``rules`` to ``model`` in place until saturation. See :class:`Rewriter`."""
+    if not isinstance(rules, RuleSet):
+        rules = RuleSet(rules)
+    return Rewriter(rules, **kw).run(model)
+
+
+def explain(model: Model, rule: Rule) -> tuple[list[Match], list[tuple[Node, Miss | Failure]]]:
+    """Where ``rule`` matches in ``model`` and, for candidate roots where it does not, why.
+
+    Returns:
+        (matches that would fire, [(candidate root, nearest miss or check failure)]),
+        candidates sorted by how far the match got (nearest first).
+    """
+    hits, misses = [], []
+    for g in model.all_graphs():
+        for node in g:
+            r0 = rule.roots[0]
+            if not r0.is_wildcard and (node.op_type, node.domain) != (r0.op_type, r0.domain):
+                continue
+            matcher = Matcher(rule.roots, model.opset)
+            b = matcher.match(node)
+            if b is None:
+                misses.append((node, matcher.best_miss or Miss("no match", node, 0)))
+                continue
+            m = Match(b, Rewriter._roots(rule, b), model.opset, rule.name)
+            f = explain_escape(m)
+            if f is None and rule.check is not None:
+                v = rule.check(m)
+                if isinstance(v, str):
+                    v = Failure(v, node)
+                f = v if isinstance(v, Failure) else None
+            if f is None:
+                hits.append(m)
+            else:
+                misses.append((node, Miss(f.reason, f.node or node, len(m.nodes) + 1)))
+    misses.sort(key=lambda t: -t[1].depth)
+    return hits, misses

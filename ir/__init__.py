@@ -1,0 +1,38 @@
+"""graft IR: the model representation every frontend lowers into and every rule rewrites.
+
+Public API:
+    Model, Graph, Node, Value, Tensor, DataType — the IR objects.
+    load(path), save(model, path), from_onnx(proto), to_onnx(model) — ONNX in and out.
+    verify(model) — structural checks (topological order, dangling values, arity).
+    print_graph(graph) — stable one-line-per-node text.
+    to_networkx(graph) — a networkx.DiGraph view.
+    from_torch / to_torch — torch frontend/backend (imported lazily; need torch).
+"""
+from ir._core import Graph, IRError, Model, Node, Tensor, Value
+from ir.dtypes import DataType
+from ir.onnx_io import ModelLoadError, from_onnx, load, save, to_onnx
+
+
+def __getattr__(name):
+    # torch is heavy: only pull it in when a torch path is used.
+    if name == "from_torch":
+        from ir.torch_frontend import from_torch
+        return from_torch
+    if name == "to_torch":
+        from ir.torch_backend import to_torch
+        return to_torch
+    if name in ("verify", "VerifyError"):
+        import ir.verifier as _v
+        return getattr(_v, name)
+    if name == "print_graph":
+        from ir.printer import print_graph
+        return print_graph
+    if name == "to_networkx":
+        from ir.nx_view import to_networkx
+        return to_networkx
+    raise AttributeError(f"module 'ir' has no attribute {name!r}")
+
+
+__all__ = ["Graph", "IRError", "Model", "Node", "Tensor", "Value", "DataType", "ModelLoadError",
+           "from_onnx", "load", "save", "to_onnx", "from_torch", "to_torch", "verify", "VerifyError",
+           "print_graph", "to_networkx"]

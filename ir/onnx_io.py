@@ -1,0 +1,472 @@
+"""ONNX ⇄ IR conversion, loading and atomic saving.
+
+Parsing, serialization, external data and checking are the ``onnx`` package's;
+this module only maps protos onto IR objects and back. Everything the IR does not
+model (functions, training info, sparse initializers, non-tensor types) is kept
+verbatim, and unmodified tensors are written from their original protos, so a
+load→save round trip is lossless.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ir._core import Graph, IRError, Model, Node, Tensor, Value
+from ir.dtypes import DataType
+
+# ONNX protobuf cannot serialize more than 2 GiB in one message.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+class ModelLoadError(ValueError):
+    """A file that is missing, unreadable or not a valid ONNX model."""
+
+
+# --------------------------------------------------------------------------- tensors
+def tensor_proto_to_array(proto) -> np.ndarray:
+    return numpy_helper.to_array(proto)
+
+
+def constant_node_array(node: Node) -> np.ndarray | None:
+    """The value of a ``Constant`` node given by any of its ``value_*`` attributes."""
+    a = node.attrs
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(a["value_floats"], dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(a["value_ints"], dtype=np.int64)
+    if "value_string" in a:
+        return np.array(a["value_string"], dtype=object)
+    if "value_strings" in a:
+        return np.array(a["value_strings"], dtype=object)
+    return None
+
+
+def _tensor_to_proto(t: Tensor, name: str):
+    if t.proto is not None:
+        p = t.proto
+        if p.name != name:
+            p.name = name
+        return p
+    arr = t.array
+    if t.dtype == DataType.STRING:
+        p = numpy_helper.from_array(np.asarray(arr, dtype=object), name)
+    else:
+        p = numpy_helper.from_array(arr, name)
+        if p.data_type != int(t.dtype):
+            p = helper.make_tensor(name, int(t.dtype), arr.shape, arr.tobytes(), raw=True)
+    if t.doc_string:
+        p.doc_string = t.doc_string
+    t._proto = p
+    return p
+
+
+# --------------------------------------------------------------------------- types
+def _read_type(tp) -> tuple[DataType | None, tuple | None]:
+    if not tp.HasField("tensor_type"):
+        return None, None
+    tt = tp.tensor_type
+    dtype = DataType(tt.elem_type) if tt.elem_type else None
+    if not tt.HasField("shape"):
+        return dtype, None
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dtype, tuple(dims)
+
+
+def _set_type(v: Value, tp) -> None:
+    v.dtype, v.shape = _read_type(tp)
+    v.type_proto = tp
+    v.meta["_typed_as"] = (v.dtype, v.shape)
+
+
+def _value_info(v: Value):
+    """A ValueInfoProto for ``v``: the original TypeProto when unchanged."""
+    vi = onnx.ValueInfoProto()
+    vi.name = v.name
+    if v.doc_string:
+        vi.doc_string = v.doc_string
+    if v.type_proto is not None and v.meta.get("_typed_as") == (v.dtype, v.shape):
+        vi.type.CopyFrom(v.type_proto)
+    elif v.dtype is not None:
+        shape = None if v.shape is None else [d if d is not None else None for d in v.shape]
+        vi.type.CopyFrom(helper.make_tensor_type_proto(int(v.dtype), shape))
+    return vi
+
+
+# --------------------------------------------------------------------------- import
+class _Scope:
+    def __init__(self, parent: "_Scope | None" = None):
+        self.parent = parent
+        self.values: dict[str, Value] = {}
+
+    def lookup(self, name: str) -> Value | None:
+        s = self
+        while s is not None:
+            v = s.values.get(name)
+            if v is not None:
+                return v
+            s = s.parent
+        return None
+
+
+def _read_attr(a, scope: _Scope, parent_graph: Graph, where: str):
+    t = a.type
+    A = onnx.AttributeProto
+    if t == A.FLOAT:
+        return a.f
+    if t == A.INT:
+        return a.i
+    if t == A.STRING:
+        return a.s.decode("utf-8", errors="surrogateescape")
+    if t == A.TENSOR:
+        return Tensor(proto=a.t)
+    if t == A.GRAPH:
+        return _read_graph(a.g, _Scope(scope), parent=parent_graph)
+    if t == A.FLOATS:
+        return list(a.floats)
+    if t == A.INTS:
+        return list(a.ints)
+    if t == A.STRINGS:
+        return [s.decode("utf-8", errors="surrogateescape") for s in a.strings]
+    if t == A.TENSORS:
+        return [Tensor(proto=x) for x in a.tensors]
+    if t == A.GRAPHS:
+        return [_read_graph(g, _Scope(scope), parent=parent_graph) for g in a.graphs]
+    # SPARSE_TENSOR(S), TYPE_PROTO(S): kept as protos.
+    return helper.get_attribute_value(a)
+
+
+def _read_graph(gp, scope: _Scope, *, parent: Graph | None = None, model: Model | None = None) -> Graph:
+    g = Graph(gp.name, parent=parent, model=model)
+    g.doc_string = gp.doc_string
+    g._importing = True
+    for vi in gp.input:
+        v = Value(vi.name)
+        _set_type(v, vi.type)
+        v.doc_string = vi.doc_string
+        g.add_input(v)
+        scope.values[vi.name] = v
+    for tp in gp.initializer:
+        existing = scope.values.get(tp.name)
+        t = Tensor(proto=tp)
+        if existing is not None and existing.graph is g:
+            # An input with a default value: keep it an input that carries the tensor.
+            existing.const = t
+            g.initializers[tp.name] = existing
+            continue
+        v = Value(tp.name, const=t)
+        g.add_initializer(v)
+        scope.values[tp.name] = v
+    g.sparse_initializers = list(gp.sparse_initializer)
+    infos = {vi.name: vi for vi in gp.value_info}
+    for np_ in gp.node:
+        ins = []
+        for name in np_.input:
+            if name == "":
+                ins.append(None)
+                continue
+            v = scope.lookup(name)
+            if v is None:
+                where = f"node {np_.name or np_.op_type!r} ({np_.op_type})"
+                raise ModelLoadError(
+                    f"{where} in graph {gp.name!r} reads {name!r}, which no earlier node, input or "
+                    f"initializer defines (the graph is not in topological order, has a cycle, or "
+                    f"the value is dangling)")
+            ins.append(v)
+        outs = []
+        for name in np_.output:
+            v = Value(name)
+            if name and name in infos:
+                _set_type(v, infos[name].type)
+                v.doc_string = infos[name].doc_string
+            outs.append(v)
+        node = Node(np_.op_type, ins, outs, domain=np_.domain, name=np_.name, overload=np_.overload)
+        node.doc_string = np_.doc_string
+        for a in np_.attribute:
+            node.attrs[a.name] = _read_attr(a, scope, g, np_.name)
+            node.attr_types[a.name] = a.type
+            if a.ref_attr_name:
+                node.meta.setdefault("_ref_attrs", {})[a.name] = a.ref_attr_name
+        for e in np_.metadata_props:
+            node.meta[e.key] = e.value
+        g.append(node)
+        for v in outs:
+            if v.name:
+                scope.values[v.name] = v
+    outs = []
+    for vi in gp.output:
+        v = scope.lookup(vi.name)
+        if v is None:
+            raise ModelLoadError(f"graph {gp.name!r} output {vi.name!r} is not produced by any node, "
+                                 f"input or initializer")
+        if v.type_proto is None or v.graph is not g:
+            _set_type(v, vi.type)
+        v.meta["_output_type"] = vi.type
+        if vi.doc_string:
+            v.doc_string = vi.doc_string
+        outs.append(v)
+    g.set_outputs(outs)
+    g.value_info = {k: None for k in infos}
+    for e in gp.metadata_props:
+        g.meta[e.key] = e.value
+    del g._importing
+    return g
+
+
+def from_onnx(proto: onnx.ModelProto) -> Model:
+    """Convert a ``ModelProto`` into an IR :class:`Model`.
+
+    Raises:
+        ModelLoadError: a node reads a value that is not defined before it.
+    """
+    m = Model(opset_imports={o.domain: o.version for o in proto.opset_import}, ir_version=proto.ir_version)
+    m.graph = _read_graph(proto.graph, _Scope(), model=m)
+    m.producer_name = proto.producer_name
+    m.producer_version = proto.producer_version
+    m.domain = proto.domain
+    m.model_version = proto.model_version
+    m.doc_string = proto.doc_string
+    m.metadata_props = {e.key: e.value for e in proto.metadata_props}
+    m.functions = list(proto.functions)
+    m.training_info = list(proto.training_info)
+    m.meta["_opset_order"] = [o.domain for o in proto.opset_import]
+    return m
+
+
+# --------------------------------------------------------------------------- export
+def _write_attr(name: str, value, atype: int | None):
+    A = onnx.AttributeProto
+    if isinstance(value, Tensor):
+        a = A(name=name, type=A.TENSOR)
+        a.t.CopyFrom(_tensor_to_proto(value, value.proto.name if value.proto is not None else ""))
+        return a
+    if isinstance(value, Graph):
+        a = A(name=name, type=A.GRAPH)
+        a.g.CopyFrom(_write_graph(value))
+        return a
+    if isinstance(value, list) and value and isinstance(value[0], Graph):
+        a = A(name=name, type=A.GRAPHS)
+        a.graphs.extend(_write_graph(g) for g in value)
+        return a
+    if isinstance(value, list) and value and isinstance(value[0], Tensor):
+        a = A(name=name, type=A.TENSORS)
+        a.tensors.extend(_tensor_to_proto(t, "") for t in value)
+        return a
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (np.integer,)):
+        value = int(value)
+    if isinstance(value, (np.floating,)):
+        value = float(value)
+    if isinstance(value, (list, tuple)):
+        value = [v.item() if isinstance(v, np.generic) else v for v in value]
+    return helper.make_attribute(name, value, attr_type=atype)
+
+
+def _node_proto(n: Node) -> onnx.NodeProto:
+    p = onnx.NodeProto()
+    p.op_type = n.op_type
+    if n.domain:
+        p.domain = n.domain
+    if n.name:
+        p.name = n.name
+    if n.overload:
+        p.overload = n.overload
+    if n.doc_string:
+        p.doc_string = n.doc_string
+    p.input.extend("" if v is None else v.name for v in n.inputs)
+    p.output.extend(v.name for v in n.outputs)
+    refs = n.meta.get("_ref_attrs", {})
+    for k, v in n.attrs.items():
+        a = _write_attr(k, v, n.attr_types.get(k))
+        if k in refs:
+            a.ref_attr_name = refs[k]
+        p.attribute.append(a)
+    for k, v in n.meta.items():
+        if isinstance(v, str) and not k.startswith("_"):
+            e = p.metadata_props.add()
+            e.key, e.value = k, v
+    return p
+
+
+def _write_graph(g: Graph) -> onnx.GraphProto:
+    gp = onnx.GraphProto()
+    gp.name = g.name
+    if g.doc_string:
+        gp.doc_string = g.doc_string
+    for v in g.inputs:
+        gp.input.append(_value_info(v))
+    gp.initializer.extend(_tensor_to_proto(v.const, name) for name, v in g.initializers.items())
+    gp.sparse_initializer.extend(g.sparse_initializers)
+    gp.node.extend(_node_proto(n) for n in g)
+    for v in g.outputs:
+        vi = _value_info(v)
+        ot = v.meta.get("_output_type")
+        if ot is not None and v.meta.get("_typed_as") == (v.dtype, v.shape):
+            vi.type.CopyFrom(ot)
+        gp.output.append(vi)
+    # value_info: the original entries still present, then values typed since.
+    io = {v.name for v in g.inputs} | {v.name for v in g.outputs} | set(g.initializers)
+    emitted = set()
+    by_name = {}
+    for n in g:
+        for o in n.outputs:
+            if o.name and o.dtype is not None and o.name not in io:
+                by_name[o.name] = o
+    for name in list(g.value_info) + list(by_name):
+        if name in by_name and name not in emitted:
+            gp.value_info.append(_value_info(by_name[name]))
+            emitted.add(name)
+    for k, v in g.meta.items():
+        if isinstance(v, str) and not k.startswith("_"):
+            e = gp.metadata_props.add()
+            e.key, e.value = k, v
+    return gp
+
+
+def to_onnx(model: Model) -> onnx.ModelProto:
+    """Convert an IR :class:`Model` back to a ``ModelProto`` (no checking)."""
+    mp = onnx.ModelProto()
+    mp.ir_version = model.ir_version
+    order = model.meta.get("_opset_order", [])
+    domains = [d for d in order if d in model.opset_imports] + \
+        [d for d in model.opset_imports if d not in order]
+    for d in domains:
+        mp.opset_import.append(helper.make_opsetid(d, model.opset_imports[d]))
+    for attr in ("producer_name", "producer_version", "domain", "doc_string"):
+        val = getattr(model, attr)
+        if val:
+            setattr(mp, attr, val)
+    if model.model_version:
+        mp.model_version = model.model_version
+    for k, v in model.metadata_props.items():
+        e = mp.metadata_props.add()
+        e.key, e.value = k, v
+    mp.functions.extend(model.functions)
+    mp.training_info.extend(model.training_info)
+    mp.graph.CopyFrom(_write_graph(model.graph))
+    return mp
+
+
+# --------------------------------------------------------------------------- files
+def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file (with its external data) and optionally run ``onnx.checker``.
+
+    Raises:
+        ModelLoadError: missing file, not a protobuf ModelProto, truncated, or
+            rejected by ``onnx.checker`` (the message names the file and the reason).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError, RuntimeError, ... by version
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e}). "
+                             f"Is the file truncated or of another format?") from None
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
+        raise ModelLoadError(f"{path}: parsed, but holds no ONNX graph (is it an ONNX model file?)")
+    if check:
+        check_proto(proto, where=str(path))
+    return proto
+
+
+def check_proto(proto: onnx.ModelProto, *, where: str = "model", full: bool = False) -> None:
+    """Run ``onnx.checker`` (by path for models over 2 GiB).
+
+    Raises:
+        ModelLoadError: naming ``where`` and the checker's first line.
+    """
+    try:
+        if proto.ByteSize() > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as d:
+                p = os.path.join(d, "m.onnx")
+                onnx.save_model(proto, p, save_as_external_data=True, location="m.onnx.data")
+                onnx.checker.check_model(p, full_check=full)
+        else:
+            onnx.checker.check_model(proto, full_check=full)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise ModelLoadError(f"{where}: fails onnx.checker: {first}") from None
+    except onnx.shape_inference.InferenceError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelLoadError(f"{where}: fails onnx shape inference: {first}") from None
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> Model:
+    """Load an ONNX file into the IR. See :func:`load_proto` for errors."""
+    proto = load_proto(path, check=check)
+    try:
+        return from_onnx(proto)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Write ``proto`` to ``path`` atomically: to a temporary file, then rename.
+
+    Models over 2 GiB (or with ``external_data=True``) go out with their tensors
+    in ``<name>.data`` beside the file. Nothing is left at ``path`` if writing fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = proto.ByteSize() > PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data_name = path.name + ".data"
+    tmp_data = None
+    try:
+        if external_data:
+            # onnx writes the data file under the location name next to tmp: stage it as tmp too.
+            tmp_data_name = Path(tmp).name + ".data"
+            tmp_data = path.parent / tmp_data_name
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data_name, size_threshold=1024)
+            # point the model at the final data name, then move both into place
+            m = onnx.load(tmp, load_external_data=False)
+            for t in _all_tensors(m):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            with open(tmp, "wb") as f:
+                f.write(m.SerializeToString())
+            os.replace(tmp_data, path.parent / data_name)
+            tmp_data = None
+        else:
+            with open(tmp, "wb") as f:
+                f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp, tmp_data):
+            if p is not None and os.path.exists(p):
+                os.unlink(p)
+        raise
+
+
+def _all_tensors(m: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(m)
+
+
+def save(model: Model, path: str | os.PathLike, **kw) -> None:
+    """Export ``model`` and write it atomically (see :func:`save_proto`)."""
+    save_proto(to_onnx(model), path, **kw)
