@@ -32,27 +32,84 @@ def _describe(node: Node) -> str:
 
 
 class Matcher:
-    """Matches one pattern (one or more roots) at a node. Keeps the best miss."""
+    """Matches one pattern (one or more roots) at a node. Keeps the best miss.
 
-    def __init__(self, roots: tuple[PatternNode, ...], opset: int):
+    The walk over a pattern tree is deterministic except at commutative ops,
+    which offer two input orders. Rather than a generator per pattern node, the
+    walk records the order it takes at each commutative op on a decision stack;
+    after a failure (or when the caller wants another binding) the last decision
+    with an untried order is flipped and the walk replayed. That visits bindings
+    in the same depth-first order as a backtracking search, and a match without
+    commutative ops costs one walk, one dict and no generator frames.
+    """
+
+    def __init__(self, roots: tuple[PatternNode, ...], opset: int, *, track_misses: bool = True):
         self.roots = roots
         self.opset = opset
         self.best_miss: Miss | None = None
+        # The rewriter never reads best_miss: it turns tracking off so that a
+        # failed attempt does not format a reason string nobody will read.
+        self._track = track_misses
+        self._decisions: list[int] = []
+        self._cursor = 0
+        # required (non-optional) input count per pattern node, computed once
+        self._n_req: dict[PatternNode, int] = {}
+        for r in roots:
+            for pn in r.walk():
+                self._n_req[pn] = sum(1 for a in pn.inputs if not isinstance(a, Optional))
 
     # -- public -------------------------------------------------------------
     def match(self, node: Node) -> dict | None:
         """Bindings (Var → Value, name → Node, "attr:" + name → value) or None."""
-        for b in self._node(self.roots[0], node, {"__nodes__": (), "__roots__": (node,)}):
+        b0 = {"__nodes__": (), "__roots__": (node,)}
+        if len(self.roots) == 1:
+            return self._first(self.roots[0], node, b0)
+        for b in self._tree(self.roots[0], node, b0):
             got = self._more_roots(1, b)
             if got is not None:
                 return got
         return None
 
-    # -- internals (generators yield every consistent binding) ---------------
+    # -- internals ------------------------------------------------------------
     def _miss(self, reason: str, node: Node | None, b: dict) -> None:
         depth = len(b["__nodes__"])
         if self.best_miss is None or depth >= self.best_miss.depth:
             self.best_miss = Miss(reason, node, depth)
+
+    def _first(self, pn: PatternNode, node: Node, b0: dict) -> dict | None:
+        """The first binding :meth:`_tree` would yield (same walk, no generator)."""
+        decisions: list[int] = []
+        while True:
+            b = dict(b0)
+            b["__nodes__"] = list(b0["__nodes__"])
+            self._decisions, self._cursor = decisions, 0
+            if self._node(pn, node, b):
+                b["__nodes__"] = tuple(b["__nodes__"])
+                return b
+            del decisions[self._cursor:]
+            while decisions and decisions[-1]:
+                decisions.pop()
+            if not decisions:
+                return None
+            decisions[-1] = 1
+
+    def _tree(self, pn: PatternNode, node: Node, b0: dict):
+        """Every consistent binding of the tree under ``pn`` at ``node``, depth-first order."""
+        decisions: list[int] = []
+        while True:
+            b = dict(b0)
+            b["__nodes__"] = list(b0["__nodes__"])
+            self._decisions, self._cursor = decisions, 0
+            ok = self._node(pn, node, b)
+            del decisions[self._cursor:]
+            if ok:
+                b["__nodes__"] = tuple(b["__nodes__"])
+                yield b
+            while decisions and decisions[-1]:
+                decisions.pop()
+            if not decisions:
+                return
+            decisions[-1] = 1
 
     def _more_roots(self, k: int, b: dict) -> dict | None:
         if k == len(self.roots):
@@ -67,114 +124,125 @@ class Matcher:
                 if user in seen or user in b["__nodes__"]:
                     continue
                 seen.add(user)
-                for b2 in self._node(root, user, {**b, "__roots__": b["__roots__"] + (user,)}):
+                for b2 in self._tree(root, user, {**b, "__roots__": b["__roots__"] + (user,)}):
                     got = self._more_roots(k + 1, b2)
                     if got is not None:
                         return got
-        self._miss(f"no {root.op_type} node found reading the values matched so far", None, b)
+        if self._track:
+            self._miss(f"no {root.op_type} node found reading the values matched so far", None, b)
         return None
 
-    def _node(self, pn: PatternNode, node: Node, b: dict):
+    def _node(self, pn: PatternNode, node: Node, b: dict) -> bool:
+        """Extend ``b`` in place with ``pn`` matched at ``node``; False (and a miss) if it does not match."""
         if not pn.is_wildcard:
             if node.op_type != pn.op_type or node.domain != pn.domain:
-                self._miss(f"pattern wants {pn.op_type} here, found {_describe(node)}", node, b)
-                return
+                if self._track:
+                    self._miss(f"pattern wants {pn.op_type} here, found {_describe(node)}", node, b)
+                return False
         elif getattr(pn, "node_where", None) is not None and not pn.node_where(node):
-            self._miss(f"{_describe(node)} fails the pattern's node predicate", node, b)
-            return
+            if self._track:
+                self._miss(f"{_describe(node)} fails the pattern's node predicate", node, b)
+            return False
         if pn.name is not None:
             prev = b.get(pn.name)
             if prev is not None:
                 if prev is node:
-                    yield b
-                else:
+                    return True
+                if self._track:
                     self._miss(f"pattern node {pn.name!r} would bind two different nodes", node, b)
-                return
-        if node in b["__nodes__"]:
-            self._miss(f"{_describe(node)} is already part of this match", node, b)
-            return
-        b = dict(b)
-        b["__nodes__"] = b["__nodes__"] + (node,)
+                return False
+        nodes = b["__nodes__"]
+        if node in nodes:
+            if self._track:
+                self._miss(f"{_describe(node)} is already part of this match", node, b)
+            return False
+        nodes.append(node)
         if pn.name is not None:
             b[pn.name] = node
-        if not self._attrs(pn, node, b):
-            return
-        if pn.is_wildcard and not pn.inputs:
-            yield b
-            return
-        ins = node.inputs
-        n_req = sum(1 for a in pn.inputs if not isinstance(a, Optional))
-        if len(ins) > len(pn.inputs) or len(ins) < n_req:
-            self._miss(f"{_describe(node)} has {len(ins)} inputs, pattern wants "
-                       f"{n_req}..{len(pn.inputs)}", node, b)
-            return
-        orders = [list(range(len(pn.inputs)))]
-        if pn.commutative and len(pn.inputs) == 2 and len(ins) == 2:
-            orders.append([1, 0])
-        for order in orders:
-            yield from self._inputs(pn, node, [(pn.inputs[i], ins[j] if j < len(ins) else None)
-                                              for i, j in enumerate(order)], 0, b)
+        if pn.attrs and not self._attrs(pn, node, b):
+            return False
+        pins = pn.inputs
+        if pn.is_wildcard and not pins:
+            return True
+        ins = node._inputs  # the node's own list: read only, never kept
+        n_in, n_pat = len(ins), len(pins)
+        n_req = self._n_req.get(pn)
+        if n_req is None:
+            n_req = self._n_req[pn] = sum(1 for a in pins if not isinstance(a, Optional))
+        if (n_in > n_pat and not pn.variadic) or n_in < n_req:
+            if self._track:
+                self._miss(f"{_describe(node)} has {n_in} inputs, pattern wants {n_req}..{n_pat}", node, b)
+            return False
+        if pn.commutative and n_pat == 2 and n_in == 2:
+            i = self._cursor
+            if i < len(self._decisions):
+                swapped = self._decisions[i]
+            else:
+                self._decisions.append(0)
+                swapped = 0
+            self._cursor = i + 1
+            if swapped:
+                return self._arg(pins[0], ins[1], node, 0, b) and self._arg(pins[1], ins[0], node, 1, b)
+        for k in range(n_pat):
+            if not self._arg(pins[k], ins[k] if k < n_in else None, node, k, b):
+                return False
+        return True
 
-    def _inputs(self, pn, node, pairs, k, b):
-        if k == len(pairs):
-            yield b
-            return
-        parg, value = pairs[k]
-        for b2 in self._arg(parg, value, node, k, b):
-            yield from self._inputs(pn, node, pairs, k + 1, b2)
-
-    def _arg(self, parg, value: Value | None, node: Node, k: int, b: dict):
-        if isinstance(parg, Optional):
+    def _arg(self, parg, value: Value | None, node: Node, k: int, b: dict) -> bool:
+        if type(parg) is Optional:
             if value is None:
                 inner = parg.inner
                 if isinstance(inner, Var) and inner not in b:
-                    b = dict(b)
                     b[inner] = None
-                yield b
-                return
+                return True
             parg = parg.inner
         if value is None:
-            self._miss(f"input {k} of {_describe(node)} is absent", node, b)
-            return
+            if self._track:
+                self._miss(f"input {k} of {_describe(node)} is absent", node, b)
+            return False
         if isinstance(parg, Var):
             prev = b.get(parg, _UNSET)
             if prev is not _UNSET:
                 if prev is value:
-                    yield b
-                else:
+                    return True
+                prev_name = prev.name if prev is not None else "an absent input"
+                if self._track:
                     self._miss(f"{parg.name} must be the same value in both places "
-                               f"({prev.name!r} vs {value.name!r})", node, b)
-                return
+                               f"({prev_name!r} vs {value.name!r})", node, b)
+                return False
             if parg.const:
                 arr = value.constant()
                 if arr is None:
-                    self._miss(f"input {k} ({value.name!r}) of {_describe(node)} is not a constant "
-                               f"(pattern wants Const {parg.name})", node, b)
-                    return
+                    if self._track:
+                        self._miss(f"input {k} ({value.name!r}) of {_describe(node)} is not a constant "
+                                   f"(pattern wants Const {parg.name})", node, b)
+                    return False
                 if parg.where is not None and not parg.where(arr):
-                    self._miss(f"constant {value.name!r} fails the predicate of {parg.name}", node, b)
-                    return
+                    if self._track:
+                        self._miss(f"constant {value.name!r} fails the predicate of {parg.name}", node, b)
+                    return False
             elif parg.where is not None and not parg.where(value):
-                self._miss(f"value {value.name!r} fails the predicate of {parg.name}", node, b)
-                return
-            b = dict(b)
+                if self._track:
+                    self._miss(f"value {value.name!r} fails the predicate of {parg.name}", node, b)
+                return False
             b[parg] = value
-            yield b
-            return
+            return True
         index = 0
-        if isinstance(parg, PatternOutput):
+        if type(parg) is PatternOutput:
             parg, index = parg.node, parg.index
         prod = value.producer
         if prod is None:
-            kind = "a graph input" if value.is_graph_input() else "an initializer"
-            self._miss(f"input {k} ({value.name!r}) of {_describe(node)} is {kind}, pattern wants "
-                       f"the output of {parg.op_type}", node, b)
-            return
+            if self._track:
+                kind = "a graph input" if value.is_graph_input() else "an initializer"
+                self._miss(f"input {k} ({value.name!r}) of {_describe(node)} is {kind}, pattern wants "
+                           f"the output of {parg.op_type}", node, b)
+            return False
         if value.index != index:
-            self._miss(f"input {k} of {_describe(node)} is output {value.index} of its producer, "
-                       f"pattern wants output {index}", node, b)
-            return
-        yield from self._node(parg, prod, b)
+            if self._track:
+                self._miss(f"input {k} of {_describe(node)} is output {value.index} of its producer, "
+                           f"pattern wants output {index}", node, b)
+            return False
+        return self._node(parg, prod, b)
 
     def _attrs(self, pn: PatternNode, node: Node, b: dict) -> bool:
         for name, want in pn.attrs.items():
@@ -183,18 +251,21 @@ class Matcher:
                 have = attr_default(node.op_type, node.domain, self.opset, name)
             if isinstance(want, Attr):
                 if want.where is not None and not want.where(have):
-                    self._miss(f"attribute {name}={have!r} of {_describe(node)} fails the predicate "
-                               f"of Attr({want.name!r})", node, b)
+                    if self._track:
+                        self._miss(f"attribute {name}={have!r} of {_describe(node)} fails the predicate "
+                                   f"of Attr({want.name!r})", node, b)
                     return False
                 b["attr:" + want.name] = have
             elif callable(want):
                 if not want(have):
-                    self._miss(f"attribute {name}={have!r} of {_describe(node)} fails the pattern's "
-                               f"predicate", node, b)
+                    if self._track:
+                        self._miss(f"attribute {name}={have!r} of {_describe(node)} fails the pattern's "
+                                   f"predicate", node, b)
                     return False
             elif not _attr_equal(have, want):
-                self._miss(f"attribute {name} of {_describe(node)} is {have!r}, pattern wants {want!r}",
-                           node, b)
+                if self._track:
+                    self._miss(f"attribute {name} of {_describe(node)} is {have!r}, pattern wants {want!r}",
+                               node, b)
                 return False
         return True
 
@@ -265,6 +336,12 @@ class Match:
 
     def attr(self, name: str):
         return self._b["attr:" + name]
+
+    @property
+    def bindings(self) -> dict:
+        """What the pattern bound, for display (``graft explain``): :class:`Var` → Value
+        (None for an absent optional), node name → Node, ``"attr:" + name`` → attribute value."""
+        return {k: v for k, v in self._b.items() if not (isinstance(k, str) and k.startswith("__"))}
 
     def shape(self, var: Var):
         v = self._b.get(var)

@@ -29,7 +29,7 @@ class OutputAgreement:
         return self.max_abs <= atol or self.max_rel <= rtol
 
 
-def _session(model: onnx.ModelProto | str, threads: int = 1):
+def _session(model: onnx.ModelProto | str | bytes, threads: int = 1):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -38,7 +38,7 @@ def _session(model: onnx.ModelProto | str, threads: int = 1):
     so.log_severity_level = 3
     # graft compares graphs as written: keep ORT's own rewrites out of the comparison
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    src = model if isinstance(model, str) else model.SerializeToString()
+    src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
@@ -84,8 +84,8 @@ def make_inputs(model: onnx.ModelProto, *, seed: int = 0, dim_sizes: dict[str, i
     return feeds
 
 
-def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
-    """Run ``model`` in onnxruntime CPU; returns output name → array."""
+def run(model: onnx.ModelProto | str | bytes, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
+    """Run ``model`` (a ModelProto, a path, or serialized bytes) in onnxruntime CPU; returns output name → array."""
     sess = _session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))

@@ -116,8 +116,10 @@ class PatternNode:
     """One op in a pattern. Built through ``op``, never directly."""
 
     def __init__(self, op_type: str, domain: str, inputs: tuple, attrs: dict, name: str | None,
-                 num_outputs: int, where: str):
+                 num_outputs: int, where: str, variadic: bool = False):
         self.op_type = op_type
+        # variadic: the node may have more inputs than the pattern lists (the rule reads the rest)
+        self.variadic = variadic
         self.domain = domain
         self.inputs = inputs
         self.attrs = attrs
@@ -192,12 +194,21 @@ class _OpFactory:
     def __getattr__(self, op_type: str):
         if op_type.startswith("_"):
             raise AttributeError(op_type)
+        return self(op_type)
+
+    def __call__(self, op_type: str):
+        """``op.domain("aten")("convolution.default")``: an op whose name is not an identifier.
+
+        The returned builder takes inputs, ``name=``, ``_outputs=N``, attribute patterns, and
+        ``_variadic=True`` to match nodes with more inputs than the pattern lists.
+        """
         where = caller_location()
         check_op_name(op_type, self._domain, where)
         domain = self._domain
 
-        def make(*inputs, name: str | None = None, _outputs: int = 1, **attrs) -> PatternNode:
-            return PatternNode(op_type, domain, inputs, attrs, name, _outputs, caller_location())
+        def make(*inputs, name: str | None = None, _outputs: int = 1, _variadic: bool = False,
+                 **attrs) -> PatternNode:
+            return PatternNode(op_type, domain, inputs, attrs, name, _outputs, caller_location(), _variadic)
 
         return make
 

@@ -100,7 +100,10 @@ class Builder:
     def __getattr__(self, op_type: str):
         if op_type.startswith("_"):
             raise AttributeError(op_type)
-        check_op_name(op_type, self._domain, caller_location())
+        if (self._domain, op_type) not in _CHECKED_OPS:
+            # onnx.defs lookups cost microseconds: check each op name once per process
+            check_op_name(op_type, self._domain, caller_location())
+            _CHECKED_OPS.add((self._domain, op_type))
 
         def make(*inputs, _outputs: int = 1, _name: str | None = None, **attrs):
             ins = [self._as_value(x) for x in inputs]
@@ -126,7 +129,13 @@ class Builder:
             n._drop_inputs()
 
 
+# (domain, op type) pairs a Builder has already checked against onnx.defs.
+_CHECKED_OPS: set[tuple[str, str]] = set()
+
+
 def _describe(node: Node) -> str:
+    if not node.name and node.outputs:  # imported nodes may be unnamed: name them by their output
+        return f"{node.op_type} node (output {node.outputs[0].name!r})"
     return f"{node.op_type} node {node.name!r}"
 
 
@@ -158,16 +167,21 @@ class Rewriter:
         queued: set[Node] = set(queue)
         done = 0
         matchers: dict[str, Matcher] = {}
+        candidates: dict[tuple[str, str], list[Rule]] = {}  # for_node, once per op type
         sort_needed = False
         while queue:
             node = queue.popleft()
             queued.discard(node)
             if node.graph is not graph:
                 continue
-            for rule in self.rules.for_node(node.domain, node.op_type):
+            key = (node.domain, node.op_type)
+            rules = candidates.get(key)
+            if rules is None:
+                rules = candidates[key] = self.rules.for_node(*key)
+            for rule in rules:
                 matcher = matchers.get(rule.name)
                 if matcher is None:
-                    matcher = matchers[rule.name] = Matcher(rule.roots, opset)
+                    matcher = matchers[rule.name] = Matcher(rule.roots, opset, track_misses=False)
                 applied = self._try(rule, matcher, node, opset)
                 if applied is None:
                     continue
@@ -208,6 +222,8 @@ class Rewriter:
 
 def explain_escape(m: Match) -> Failure | None:
     """A Failure if a matched non-root node's output is read outside the match."""
+    if len(m.nodes) == len(m.roots):  # every matched node is a root: nothing can escape
+        return None
     inside = set(m.nodes)
     roots = set(m.roots)
     for n in m.nodes:
@@ -270,10 +286,14 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
             op.discard()
             return None
     # Commit: constants, then nodes before the root, in creation order.
+    replaced = ",".join(n.name or n.outputs[0].name for n in m.nodes)
     for c in op.consts:
         graph.add_initializer(c)
+        # initializers carry provenance too (TensorProto.metadata_props): a rule that only makes
+        # constants (constant_to_initializer, constant folding) still says what it replaced
+        c.meta[PROVENANCE_RULE] = rule.name
+        c.meta[PROVENANCE_REPLACED] = replaced
     anchor = m.roots[0]
-    replaced = ",".join(n.name or n.outputs[0].name for n in m.nodes)
     for n in op.nodes:
         graph.insert_before(anchor, n)
         n.meta[PROVENANCE_RULE] = rule.name
@@ -283,8 +303,13 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
             continue
         if new.dtype is None:
             new.dtype, new.shape = old.dtype, old.shape
+        elif new.shape is None and old.shape is not None and new.dtype == old.dtype:
+            # same tensor: keep the known shape (a graph output taking new's name must keep
+            # its declared shape, which onnx.checker requires of graph outputs)
+            new.shape = old.shape
         if new.producer is not None and new.producer in op.nodes:
-            new.meta["graft.replaces"] = old.name
+            # transitive: a value replacing a rule-made value still names the input model's value
+            new.meta["graft.replaces"] = old.meta.get("graft.replaces", old.name)
         old.replace_all_uses_with(new)
     touched: list[Node] = []
     # Delete matched nodes that nothing reads any more, root side first.

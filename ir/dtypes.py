@@ -51,10 +51,21 @@ class DataType(enum.IntEnum):
 
     @classmethod
     def from_numpy(cls, dtype) -> "DataType":
+        try:  # rules ask this per constant: remember each dtype's answer
+            return _FROM_NUMPY[dtype]
+        except (KeyError, TypeError):
+            pass
+        key = dtype
         dtype = np.dtype(dtype)
         if dtype.kind in "US" or dtype == object:
-            return cls.STRING
-        return cls(helper.np_dtype_to_tensor_dtype(dtype))
+            result = cls.STRING
+        else:
+            result = cls(helper.np_dtype_to_tensor_dtype(dtype))
+        try:
+            _FROM_NUMPY[key] = result
+        except TypeError:  # unhashable dtype spec
+            pass
+        return result
 
     def to_numpy(self) -> np.dtype:
         if self == DataType.STRING:
@@ -74,6 +85,9 @@ class DataType(enum.IntEnum):
     @property
     def is_float(self) -> bool:
         return self in (DataType.FLOAT, DataType.DOUBLE, DataType.FLOAT16, DataType.BFLOAT16)
+
+
+_FROM_NUMPY: dict = {}
 
 
 def name_of(t: int) -> str:

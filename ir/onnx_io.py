@@ -9,6 +9,7 @@ load→save round trip is lossless.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,24 @@ class ModelLoadError(ValueError):
 
 
 # --------------------------------------------------------------------------- tensors
+# Element types whose raw_data is one little-endian numpy scalar per element: read with
+# np.frombuffer directly (what numpy_helper.to_array ends up doing, without its dispatch).
+_RAW_NUMPY = {int(k): np.dtype(v) for k, v in (
+    (onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.DOUBLE, np.float64),
+    (onnx.TensorProto.FLOAT16, np.float16), (onnx.TensorProto.BOOL, np.bool_),
+    (onnx.TensorProto.INT8, np.int8), (onnx.TensorProto.INT16, np.int16),
+    (onnx.TensorProto.INT32, np.int32), (onnx.TensorProto.INT64, np.int64),
+    (onnx.TensorProto.UINT8, np.uint8), (onnx.TensorProto.UINT16, np.uint16),
+    (onnx.TensorProto.UINT32, np.uint32), (onnx.TensorProto.UINT64, np.uint64))}
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
 def tensor_proto_to_array(proto) -> np.ndarray:
+    """The tensor's data (``onnx.numpy_helper.to_array`` semantics, read-only for raw data)."""
+    dt = _RAW_NUMPY.get(proto.data_type)
+    if dt is not None and _LITTLE_ENDIAN and proto.HasField("raw_data") \
+            and proto.data_location != onnx.TensorProto.EXTERNAL and not proto.HasField("segment"):
+        return np.frombuffer(proto.raw_data, dtype=dt).reshape(tuple(proto.dims))
     return numpy_helper.to_array(proto)
 
 
@@ -66,6 +84,17 @@ def _tensor_to_proto(t: Tensor, name: str):
     if t.doc_string:
         p.doc_string = t.doc_string
     t._proto = p
+    return p
+
+
+def _initializer_proto(v: Value, name: str):
+    """The initializer's TensorProto with the value's ``graft.*`` metadata (rule provenance)."""
+    p = _tensor_to_proto(v.const, name)
+    have = {e.key for e in p.metadata_props}
+    for k, val in v.meta.items():
+        if isinstance(val, str) and k.startswith("graft.") and k not in have:
+            e = p.metadata_props.add()
+            e.key, e.value = k, val
     return p
 
 
@@ -245,6 +274,8 @@ def from_onnx(proto: onnx.ModelProto) -> Model:
     m.functions = list(proto.functions)
     m.training_info = list(proto.training_info)
     m.meta["_opset_order"] = [o.domain for o in proto.opset_import]
+    # proto2 keeps field presence: an opset import written without `domain` must go out without it
+    m.meta["_opset_domain_unset"] = {o.domain for o in proto.opset_import if not o.HasField("domain")}
     return m
 
 
@@ -304,14 +335,17 @@ def _node_proto(n: Node) -> onnx.NodeProto:
     return p
 
 
-def _write_graph(g: Graph) -> onnx.GraphProto:
-    gp = onnx.GraphProto()
+def _write_graph(g: Graph, gp: onnx.GraphProto | None = None) -> onnx.GraphProto:
+    # writing into the caller's message (to_onnx) avoids one full copy of every tensor
+    gp = onnx.GraphProto() if gp is None else gp
     gp.name = g.name
     if g.doc_string:
         gp.doc_string = g.doc_string
     for v in g.inputs:
         gp.input.append(_value_info(v))
-    gp.initializer.extend(_tensor_to_proto(v.const, name) for name, v in g.initializers.items())
+    for name, v in g.initializers.items():
+        # add().CopyFrom, not extend: upb's extend serializes, which fails for a tensor over 2 GiB
+        gp.initializer.add().CopyFrom(_initializer_proto(v, name))
     gp.sparse_initializer.extend(g.sparse_initializers)
     gp.node.extend(_node_proto(n) for n in g)
     for v in g.outputs:
@@ -346,8 +380,12 @@ def to_onnx(model: Model) -> onnx.ModelProto:
     order = model.meta.get("_opset_order", [])
     domains = [d for d in order if d in model.opset_imports] + \
         [d for d in model.opset_imports if d not in order]
+    unset = model.meta.get("_opset_domain_unset", ())
     for d in domains:
-        mp.opset_import.append(helper.make_opsetid(d, model.opset_imports[d]))
+        o = mp.opset_import.add()
+        if d or d not in unset:
+            o.domain = d
+        o.version = model.opset_imports[d]
     for attr in ("producer_name", "producer_version", "domain", "doc_string"):
         val = getattr(model, attr)
         if val:
@@ -359,7 +397,7 @@ def to_onnx(model: Model) -> onnx.ModelProto:
         e.key, e.value = k, v
     mp.functions.extend(model.functions)
     mp.training_info.extend(model.training_info)
-    mp.graph.CopyFrom(_write_graph(model.graph))
+    _write_graph(model.graph, mp.graph)
     return mp
 
 
@@ -384,21 +422,57 @@ def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise ModelLoadError(f"{path}: parsed, but holds no ONNX graph (is it an ONNX model file?)")
     if check:
-        check_proto(proto, where=str(path))
+        check_proto(proto, where=str(path), path=path)
     return proto
 
 
-def check_proto(proto: onnx.ModelProto, *, where: str = "model", full: bool = False) -> None:
+def exceeds_protobuf_limit(proto: onnx.ModelProto) -> bool:
+    """True when ``proto`` cannot be serialized as one protobuf message (over 2 GiB).
+
+    In-proto tensor bytes are summed first from dims × element size (no copies),
+    because upb's ``ByteSize`` serializes the whole message and raises past the limit.
+    """
+    est = 0
+    for t in _all_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            bits = DataType(t.data_type).bitwidth
+        except (TypeError, ValueError, KeyError):
+            bits = 0
+        est += (int(np.prod(t.dims, dtype=np.int64)) * bits) // 8
+        if est > PROTOBUF_LIMIT:
+            return True
+    try:
+        return proto.ByteSize() > PROTOBUF_LIMIT
+    except Exception:  # google.protobuf.message.EncodeError: past the limit
+        return True
+
+
+def check_proto(proto: onnx.ModelProto, *, where: str = "model", full: bool = False,
+                path: str | os.PathLike | None = None) -> None:
     """Run ``onnx.checker`` (by path for models over 2 GiB).
+
+    Args:
+        path: the file ``proto`` was loaded from, if any: a model over 2 GiB is
+            then checked from that file (it must hold its tensors as external data).
+            Without it, a copy of ``proto`` is written to a temporary directory;
+            ``proto`` itself is never modified.
 
     Raises:
         ModelLoadError: naming ``where`` and the checker's first line.
     """
     try:
-        if proto.ByteSize() > PROTOBUF_LIMIT:
+        if exceeds_protobuf_limit(proto):
+            if path is not None:
+                onnx.checker.check_model(str(path), full_check=full)
+                return
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)  # save_model(save_as_external_data=True) empties the tensors it moves out
             with tempfile.TemporaryDirectory() as d:
                 p = os.path.join(d, "m.onnx")
-                onnx.save_model(proto, p, save_as_external_data=True, location="m.onnx.data")
+                onnx.save_model(copy, p, save_as_external_data=True, location="m.onnx.data")
+                del copy
                 onnx.checker.check_model(p, full_check=full)
         else:
             onnx.checker.check_model(proto, full_check=full)
@@ -428,7 +502,7 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = proto.ByteSize() > PROTOBUF_LIMIT
+        external_data = exceeds_protobuf_limit(proto)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     data_name = path.name + ".data"
@@ -448,7 +522,8 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
                         e.value = data_name
             with open(tmp, "wb") as f:
                 f.write(m.SerializeToString())
-            os.replace(tmp_data, path.parent / data_name)
+            if tmp_data.exists():  # absent when every tensor is under the 1 KiB threshold
+                os.replace(tmp_data, path.parent / data_name)
             tmp_data = None
         else:
             with open(tmp, "wb") as f:

@@ -1,0 +1,178 @@
+"""Shape and dtype inference: fill ``Value.dtype`` / ``Value.shape`` from ``onnx.shape_inference``.
+
+The IR is exported with :func:`ir.to_onnx`, run through
+``onnx.shape_inference.infer_shapes(strict_mode=False, data_prop=True)`` (the ONNX
+spec's per-operator inference functions, with data propagation so that
+``Shape → Gather → Concat → Reshape`` chains give static shapes where the data
+allows), and the inferred types are copied back by name, graph by graph
+(subgraph bodies of If/Loop/Scan included, matched node by node).
+
+Large weights are not needed for inference (they are never shape data), so
+initializers over :data:`STRIP_BYTES` are handed to inference as typed graph
+inputs without their data. That keeps the call fast (it runs in every pipeline)
+and keeps models whose weights exceed protobuf's 2 GiB limit inferable; if the
+stripped graph itself is still over 2 GiB, inference goes through
+``onnx.shape_inference.infer_shapes_path`` on a temporary file.
+
+Models inference cannot fully handle (ops of custom domains, unknown ops) are
+typed as far as inference gets: it never raises. If inference fails outright,
+nothing is typed, a :class:`ShapeInferenceWarning` says why, and the reason is
+kept in ``model.meta["graft.shape_inference_error"]``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+import onnx
+from onnx import helper
+
+from ir import Graph, Model
+from ir.dtypes import DataType
+from ir.onnx_io import PROTOBUF_LIMIT, to_onnx
+
+# Initializers larger than this (bytes) go to inference as typed inputs without data.
+STRIP_BYTES = 4096
+
+
+class ShapeInferenceWarning(UserWarning):
+    """onnx.shape_inference failed on a model; values were left as they were."""
+
+
+def infer_shapes(model: Model) -> int:
+    """Infer dtype and shape of every value and store them on the IR in place.
+
+    A value's existing shape is refined, never made less precise: an unknown rank
+    or dim from inference keeps what the IR already knew.
+
+    Args:
+        model: the IR model (main graph and subgraphs are updated).
+
+    Returns:
+        The number of values (node outputs and graph inputs/outputs, all graphs)
+        for which inference produced a tensor type.
+
+    Raises:
+        Nothing for models inference cannot handle; see the module docstring.
+    """
+    proto = to_onnx(model)
+    _strip_large_initializers(proto.graph)
+    inferred = _run_inference(proto, model)
+    if inferred is None:
+        return 0
+    return _copy_back(model.graph, inferred.graph)
+
+
+def _strip_large_initializers(gp: onnx.GraphProto) -> None:
+    inputs = {vi.name for vi in gp.input}
+    keep = []
+    for t in gp.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        itemsize = _itemsize(t.data_type)
+        if itemsize is None or n * itemsize <= STRIP_BYTES:
+            keep.append(t)
+            continue
+        if t.name not in inputs:
+            gp.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if len(keep) != len(gp.initializer):
+        del gp.initializer[:]
+        gp.initializer.extend(keep)
+
+
+def _itemsize(data_type: int) -> int | None:
+    try:
+        dt = DataType(data_type)
+        if dt == DataType.STRING:
+            return None
+        return max(1, dt.bitwidth // 8)
+    except Exception:  # a type this onnx does not know: keep the tensor
+        return None
+
+
+def _run_inference(proto: onnx.ModelProto, model: Model) -> onnx.ModelProto | None:
+    errors = []
+    # data_prop can fail on some exporter graphs where plain inference works: try both
+    for data_prop in (True, False):
+        try:
+            if proto.ByteSize() > PROTOBUF_LIMIT:
+                return _infer_by_path(proto, data_prop)
+            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                                     data_prop=data_prop)
+        except Exception as e:  # InferenceError, ValidationError, RuntimeError by onnx version
+            errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+    reason = "; ".join(errors)
+    model.meta["graft.shape_inference_error"] = reason
+    warnings.warn(f"onnx shape inference failed, values keep their previous types ({reason})",
+                  ShapeInferenceWarning, stacklevel=3)
+    return None
+
+
+def _infer_by_path(proto: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "in.onnx"), os.path.join(d, "out.onnx")
+        onnx.save_model(proto, src, save_as_external_data=True, location="in.onnx.data")
+        onnx.shape_inference.infer_shapes_path(src, dst, check_type=False, strict_mode=False,
+                                               data_prop=data_prop)
+        return onnx.load(dst, load_external_data=False)
+
+
+def _copy_back(graph: Graph, gp: onnx.GraphProto) -> int:
+    """Copy types from ``gp`` (exported from ``graph``, same node order) into ``graph``."""
+    types = {}
+    for vi in (*gp.input, *gp.value_info, *gp.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type
+    typed = 0
+    seen = set()
+    values = [*graph.inputs]
+    for n in graph:
+        values.extend(o for o in n.outputs if o.name)
+    values.extend(graph.outputs)
+    for v in values:
+        if v in seen:
+            continue
+        seen.add(v)
+        tt = types.get(v.name)
+        if tt is None:
+            continue
+        _merge(v, tt)
+        typed += 1
+    # subgraphs: node i of the IR graph was exported as node i of gp
+    for node, np_ in zip(graph, gp.node):
+        if not any(True for _ in node.subgraphs()):
+            continue
+        by_name = {a.name: a for a in np_.attribute}
+        for name, value in node.attrs.items():
+            a = by_name.get(name)
+            if a is None:
+                continue
+            if isinstance(value, Graph) and a.HasField("g"):
+                typed += _copy_back(value, a.g)
+            elif isinstance(value, list) and value and isinstance(value[0], Graph):
+                for sg, sgp in zip(value, a.graphs):
+                    typed += _copy_back(sg, sgp)
+    return typed
+
+
+def _merge(v, tt) -> None:
+    if tt.elem_type:
+        v.dtype = DataType(tt.elem_type)
+    if not tt.HasField("shape"):
+        return
+    new = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            new.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            new.append(d.dim_param)
+        else:
+            new.append(None)
+    old = v.shape
+    if old is not None and len(old) == len(new):
+        # keep what the IR knew where inference is less precise (static beats symbolic beats unknown)
+        new = [o if (n is None or (isinstance(n, str) and isinstance(o, int))) and o is not None else n
+               for o, n in zip(old, new)]
+    v.shape = tuple(new)

@@ -1,0 +1,89 @@
+"""Load a user's rule file (``graft compile --rules my_rules.py``).
+
+The file is imported as a fresh module (never added to ``sys.modules`` under a
+name that could shadow a real package). Its rules are the module's ``RULES``
+list when it defines one, else every :class:`compiler.Rule` bound at module
+level, in definition order.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from compiler.rule import Rule, RuleDefinitionError
+
+_counter = itertools.count()
+
+
+class UserRuleFileError(ValueError):
+    """A rule file that is missing, fails to import, or defines no rules.
+
+    The message starts with ``file:line`` where the fault is known.
+    """
+
+
+def _where(path: Path, exc: BaseException) -> str:
+    """``file:line`` of the deepest frame of ``exc``'s traceback inside ``path``."""
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return f"{path}:{exc.lineno}"
+    line = None
+    target = os.path.realpath(path)
+    for fs in traceback.extract_tb(exc.__traceback__):
+        if os.path.realpath(fs.filename) == target:
+            line = fs.lineno
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def load_rule_file(path: str | os.PathLike) -> list[Rule]:
+    """Import ``path`` and return its rules.
+
+    Returns:
+        the ``RULES`` list if the module defines one, else all module-level
+        :class:`Rule` objects in definition order.
+
+    Raises:
+        UserRuleFileError: missing file, import error (``file:line: ErrorType: message``),
+            a ``RULES`` entry that is not a Rule, or no rules at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserRuleFileError(f"{path}: no such rule file")
+    mod_name = f"graft_user_rules_{next(_counter)}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise UserRuleFileError(f"{path}: cannot be imported as Python (is it a .py file?)")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses / pickling look the module up by name while it executes
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except RuleDefinitionError as e:
+        raise UserRuleFileError(f"{_where(path, e)}: invalid rule: {e}") from e
+    except Exception as e:  # noqa: BLE001 — any import-time failure is the user's file's fault
+        raise UserRuleFileError(f"{_where(path, e)}: importing the rule file raised "
+                                f"{type(e).__name__}: {e}") from e
+    finally:
+        sys.modules.pop(mod_name, None)
+    if hasattr(module, "RULES"):
+        rules = list(module.RULES)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise UserRuleFileError(f"{path}: RULES[{i}] is {type(r).__name__} {r!r}, not a compiler.Rule")
+    else:
+        rules = list(dict.fromkeys(v for v in vars(module).values() if isinstance(v, Rule)))
+    if not rules:
+        raise UserRuleFileError(f"{path}: defines no compiler.Rule (define rules at module level "
+                                f"or list them in RULES)")
+    return rules
+
+
+def load_rule_files(paths) -> list[Rule]:
+    """Rules of several files, in order. Raises :class:`UserRuleFileError` (see :func:`load_rule_file`)."""
+    out: list[Rule] = []
+    for p in paths:
+        out.extend(load_rule_file(p))
+    return out

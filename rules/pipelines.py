@@ -1,0 +1,66 @@
+"""graft's named pipelines, registered with :func:`compiler.passes.register_pipeline`.
+
+- ``cleanup``: shape inference → cleanup rules + constant folding (one rule set,
+  to a fixed point) → dead-code elimination.
+- ``optimize``: cleanup → BatchNormalization folding → op fusion → cleanup again
+  (folds and fusions leave Identity/Reshape chains and constants to tidy).
+
+:func:`with_user_rules` appends a user :class:`compiler.RuleSet` (e.g. from
+``graft compile --rules my_rules.py``) to a pipeline as its own pass.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from compiler.passes import FunctionPass, Pipeline, RewritePass, get_pipeline, register_pipeline
+from compiler.rule import Rule, RuleSet
+
+
+def cleanup() -> Pipeline:
+    """Shape inference, then cleanup + constant-folding rules to a fixed point, then dead code."""
+    from compiler.shapes import infer_shapes
+    from rules import cleanup as cleanup_rules
+    from rules import constant_folding
+    from rules.dead_code import eliminate_dead_code
+
+    rules = RuleSet([*cleanup_rules.RULES, *constant_folding.RULES], name="cleanup_rules")
+    return Pipeline("cleanup", [
+        FunctionPass(infer_shapes, "infer_shapes", analysis=True),
+        RewritePass(rules, "cleanup_rules"),
+        FunctionPass(eliminate_dead_code, "dead_code"),
+    ], doc="shape inference → cleanup + constant folding → dead code")
+
+
+def optimize() -> Pipeline:
+    """cleanup → fold BatchNormalization → fuse ops → cleanup."""
+    from rules import fold_batchnorm, fuse
+
+    return Pipeline("optimize", [
+        cleanup(),
+        RewritePass(RuleSet(fold_batchnorm.RULES, name="fold_batchnorm"), "fold_batchnorm"),
+        RewritePass(RuleSet(fuse.RULES, name="fuse"), "fuse"),
+        cleanup(),
+    ], doc="cleanup → fold BatchNormalization → fuse → cleanup")
+
+
+def with_user_rules(pipeline: str | Pipeline | None, rules: RuleSet | Iterable[Rule] | None,
+                    name: str = "user_rules") -> Pipeline:
+    """``pipeline`` (a name, a Pipeline, or None/"none" for nothing) followed by ``rules`` as one pass.
+
+    Raises:
+        KeyError: unknown pipeline name.
+        compiler.RuleDefinitionError: two user rules share a name.
+    """
+    if pipeline is None:
+        pipeline = "none"
+    base = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    if rules is None:
+        return base
+    ruleset = rules if isinstance(rules, RuleSet) else RuleSet(list(rules), name=name)
+    if len(ruleset) == 0:
+        return base
+    return Pipeline(base.name, [*base.passes, RewritePass(ruleset, name)], doc=base.doc)
+
+
+register_pipeline("cleanup", cleanup, cleanup.__doc__)
+register_pipeline("optimize", optimize, optimize.__doc__)
