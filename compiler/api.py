@@ -14,30 +14,26 @@ diverges (see :mod:`compiler.blame`). Both carry the partial result.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 import ir
-from compiler import numeric
-from compiler.blame import Blame, find_blame, rules_failing_checker, rules_in_message
+from compiler.blame import Blame, rules_failing_checker, rules_in_message
 from compiler.numeric import OutputAgreement
 from compiler.passes import PassRecord, Pipeline
 from compiler.rewriter import StopReason
+from compiler.verification import (OutputDoesNotRun, UnloweredOps, Verification, default_dim_sizes, one_line,
+                                   verify_onnx, verify_torch)
 
-# Sizes for symbolic dims when the caller gives none: batch-like (axis 0) dims small,
-# others large enough for strided convolutions and pooling (32 = 2^5).
-BATCH_DIM = 2
-OTHER_DIM = 32
+__all__ = ["CompileError", "CompileResult", "InvalidOutputError", "ModelStats", "NumericMismatchError", "Verification",
+           "compile", "default_dim_sizes", "model_stats"]
 
 
 class CompileError(Exception):
@@ -97,27 +93,6 @@ def model_stats(model: ir.Model) -> ModelStats:
 
 
 @dataclass
-class Verification:
-    """Numeric verification outcome.
-
-    Attributes:
-        status: ``"passed"``, ``"failed"``, ``"skipped"`` (could not run; ``reason`` says why) or ``"off"``.
-        outputs: per-output agreement (max abs, max rel, cosine) against the input model.
-        atol, rtol: the tolerance applied (an output passes when max abs <= atol or max rel <= rtol).
-        inputs: input name → shape used.
-        blame: the first diverging rule when ``status == "failed"``.
-    """
-
-    status: str
-    reason: str = ""
-    outputs: list[OutputAgreement] = field(default_factory=list)
-    atol: float = 0.0
-    rtol: float = 0.0
-    inputs: dict[str, tuple] = field(default_factory=dict)
-    blame: Blame | None = None
-
-
-@dataclass
 class CompileResult:
     """What :func:`compile` produced.
 
@@ -148,6 +123,7 @@ class CompileResult:
     after: ModelStats
     verification: Verification
     timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[OutputAgreement]:
@@ -233,7 +209,31 @@ def _check_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(e)}") from None
+        cycle = _find_cycle(onnx.load(str(path), load_external_data=False).graph) \
+            if "topologically sorted" in str(e) else None
+        if cycle:
+            raise ModelLoadError(f"{path}: graph has a cycle: {' -> '.join(cycle)} (ONNX graphs must be "
+                                 f"acyclic; re-export the model)") from None
+        raise ModelLoadError(f"{path}: fails onnx.checker: {one_line(e)}") from None
+
+
+def _find_cycle(graph: onnx.GraphProto) -> list[str] | None:
+    """Names of the nodes on a cycle of the main graph (first repeated at the end), or None."""
+    import networkx as nx
+
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    g = nx.DiGraph()
+    for i, n in enumerate(graph.node):
+        g.add_node(i)
+        for name in n.input:
+            if name in producer:
+                g.add_edge(producer[name], i)
+    try:
+        edges = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return None
+    label = [graph.node[a].name or f"{graph.node[a].op_type}({graph.node[a].output[0]})" for a, _ in edges]
+    return label + label[:1]
 
 
 def _from_proto(proto, where):
@@ -243,59 +243,6 @@ def _from_proto(proto, where):
         return ir.from_onnx(proto)
     except ModelLoadError as e:
         raise ModelLoadError(f"{where}: {e}") from None
-
-
-# --------------------------------------------------------------------------- feeds
-def default_dim_sizes(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None = None) -> tuple[dict, int]:
-    """(named dim → size, size for unnamed dims) for generated inputs.
-
-    Named symbolic dims seen at axis 0 get :data:`BATCH_DIM`, others :data:`OTHER_DIM`;
-    ``dim_sizes`` overrides. Unnamed unknown dims get BATCH_DIM when they only occur at
-    axis 0, else OTHER_DIM.
-    """
-    sizes = dict(dim_sizes or {})
-    unnamed_axes = set()
-    inits = {t.name for t in proto.graph.initializer}
-    for vi in proto.graph.input:
-        if vi.name in inits or not vi.type.HasField("tensor_type"):
-            continue
-        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                continue
-            if d.dim_param:
-                want = BATCH_DIM if axis == 0 else OTHER_DIM
-                if d.dim_param not in (dim_sizes or {}):
-                    sizes[d.dim_param] = min(sizes.get(d.dim_param, want), want)
-            else:
-                unnamed_axes.add(axis)
-    return sizes, BATCH_DIM if unnamed_axes <= {0} else OTHER_DIM
-
-
-def _feeds(proto, example_inputs, dim_sizes, seed) -> dict[str, np.ndarray]:
-    names = [vi.name for vi in proto.graph.input if vi.name not in {t.name for t in proto.graph.initializer}]
-    if example_inputs is None:
-        sizes, default = default_dim_sizes(proto, dim_sizes)
-        return numeric.make_inputs(proto, seed=seed, dim_sizes=sizes, default_dim=default)
-    if isinstance(example_inputs, dict):
-        missing = [n for n in names if n not in example_inputs]
-        if missing:
-            raise ValueError(f"example_inputs lacks graph input(s) {missing}; the model's inputs are {names}")
-        return {n: _to_numpy(example_inputs[n]) for n in names}
-    seq = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if len(seq) != len(names):
-        raise ValueError(f"{len(seq)} example input(s) given, the model has {len(names)}: {names}")
-    return {n: _to_numpy(x) for n, x in zip(names, seq)}
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:400]
 
 
 # --------------------------------------------------------------------------- compile
@@ -352,7 +299,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     result = CompileResult(model, None, None, target, source, pipe.name, stats.counts, stats.stop_reasons,
                            stats.passes, before, model_stats(model), Verification("off"), timings)
     t = time.perf_counter()
-    out_proto, out_bytes = _check_structure(model, result)
+    out_proto, out_bytes = _check_structure(model, result, ref_proto, ref_src)
     timings["check"] = time.perf_counter() - t
     if target == "onnx":
         result.proto = out_proto
@@ -361,16 +308,25 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
 
     t = time.perf_counter()
     if verify:
-        if torch_module is not None:
-            result.verification = _verify_torch(torch_module, example_inputs, result, atol, rtol)
-        else:
-            result.verification = _verify_onnx(ref_proto, ref_src, out_proto, out_bytes, model, example_inputs,
-                                               dim_sizes, seed, stats.rewrites, atol, rtol, result)
+        try:
+            if torch_module is not None:
+                result.verification = verify_torch(torch_module, example_inputs, result.module, result.proto, model,
+                                                   atol=atol, rtol=rtol)
+            else:
+                result.verification = verify_onnx(ref_proto, ref_src, out_proto, out_bytes, model, example_inputs,
+                                                  dim_sizes, seed, stats.rewrites, atol=atol, rtol=rtol)
+        except OutputDoesNotRun as e:
+            raise _invalid("does not run in onnxruntime (the input model does)", e.detail, model, out_proto,
+                           result) from None
+        except UnloweredOps as e:
+            raise CompileError(str(e), result) from None
     timings["verify"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     v = result.verification
     if v.status == "failed":
         bad = [o for o in v.outputs if not o.within(atol, rtol)]
+        if not bad:
+            raise NumericMismatchError(f"the compiled model disagrees with the input model: {v.reason}", result)
         worst = max(bad, key=lambda o: o.max_abs)
         where = f"; {v.blame.describe()}" if v.blame else \
             ("; no intermediate value could be tied to a rule" if result.counts else "")
@@ -380,30 +336,55 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     return result
 
 
-def _check_structure(model: ir.Model, result: CompileResult) -> tuple[onnx.ModelProto, bytes | None]:
+def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src) -> tuple[onnx.ModelProto,
+                                                                                          bytes | None]:
     """``ir.verify`` then ``onnx.checker`` (full_check); failures name the rules involved.
 
+    A fault the input model already has is not the compile's: it goes into ``result.notes``
+    (for full_check, the output is then held to the plain checker, as the input was).
     Returns the output proto and its serialization (None over 2 GiB), reused to run it.
     """
     from ir.onnx_io import PROTOBUF_LIMIT, ModelLoadError, check_proto
+    from ir.verifier import problems
 
-    try:
-        ir.verify(model)
-    except ir.VerifyError as e:
-        raise _invalid("fails ir.verify", str(e), model, None, result) from None
+    found = problems(model)
+    if found:
+        before = set(problems(ir.from_onnx(ref_proto))) if ref_proto is not None else set()
+        new = [p for p in found if p not in before]
+        if new:
+            raise _invalid("fails ir.verify", "; ".join(new[:3]) + (f" (and {len(new) - 3} more)" if len(new) > 3
+                                                                     else ""), model, None, result)
+        result.notes.append(f"ir.verify: the input model already has {len(found)} problem(s), e.g. {found[0]}")
     proto = ir.to_onnx(model)
-    data = proto.SerializeToString() if proto.ByteSize() <= PROTOBUF_LIMIT else None
-    try:
-        if data is not None:
-            onnx.checker.check_model(data, full_check=True)
-        else:
-            check_proto(proto, where="compiled model", full=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise _invalid("fails onnx.checker", _first_line(e), model, proto, result) from None
-    except ModelLoadError as e:
-        raise _invalid("fails onnx.checker", str(e).removeprefix("compiled model: fails onnx.checker: "),
-                       model, proto, result) from None
+    data = None
+    # constant data dominates a model's size; ByteSize() would cost as much as serializing
+    if result.after.bytes < PROTOBUF_LIMIT - 2**26:
+        try:
+            data = proto.SerializeToString()
+        except ValueError:  # over 2 GiB after all
+            data = None
+    def check(src, full: bool) -> str | None:
+        try:
+            if isinstance(src, (bytes, str)):
+                onnx.checker.check_model(src, full_check=full)
+            else:
+                check_proto(src, where="model", full=full)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            return one_line(e)
+        except ModelLoadError as e:
+            return str(e).split(": ", 2)[-1]
+        return None
+
+    out_src = data if data is not None else proto
+    err = check(out_src, True)
+    if err is not None:
+        ref_err = check(ref_src, True) if ref_src is not None else None
+        if ref_err is None or check(out_src, False) is not None:
+            raise _invalid("fails onnx.checker", err, model, proto, result)
+        result.notes.append(f"onnx.checker full_check fails on the input model too ({ref_err}); the output was "
+                            f"checked without strict shape inference")
     return proto, data
+
 
 
 def _invalid(what: str, detail: str, model, proto, result) -> InvalidOutputError:
@@ -422,87 +403,3 @@ def _invalid(what: str, detail: str, model, proto, result) -> InvalidOutputError
                               f"(fix or drop the rule)", result, involved)
 
 
-def _verify_onnx(ref_proto, ref_src, out_proto, out_bytes, model, example_inputs, dim_sizes, seed, rewrites,
-                 atol, rtol, result) -> Verification:
-    v = Verification("skipped", atol=atol, rtol=rtol)
-    try:
-        feeds = _feeds(ref_proto, example_inputs, dim_sizes, seed)
-    except ValueError as e:
-        v.reason = f"cannot generate inputs: {_first_line(e)}"
-        return v
-    v.inputs = {k: tuple(a.shape) for k, a in feeds.items()}
-    try:
-        sess = numeric._session(ref_src)
-    except Exception as e:  # noqa: BLE001 — ORT raises several types; the input model is the one at fault
-        v.reason = f"onnxruntime cannot load the input model: {_first_line(e)}"
-        return v
-    try:
-        names = [o.name for o in sess.get_outputs()]
-        ref_out = dict(zip(names, sess.run(names, feeds)))
-    except Exception as e:  # noqa: BLE001
-        shapes = ", ".join(f"{k}{list(s)}" for k, s in v.inputs.items())
-        v.reason = (f"onnxruntime cannot run the input model on generated inputs {shapes}: {_first_line(e)} "
-                    f"(set symbolic dim sizes with --dim name=size / dim_sizes, or pass example inputs)")
-        return v
-    del sess
-    try:
-        with _runnable(out_proto, out_bytes) as src:
-            out = numeric.run(src, feeds)
-    except Exception as e:  # noqa: BLE001
-        raise _invalid("does not run in onnxruntime (the input model does)", _first_line(e), model, out_proto,
-                       result) from None
-    v.outputs = [numeric.agreement(ref_out[name], out.get(name, np.array(np.nan)), name) for name in ref_out]
-    if all(o.within(atol, rtol) for o in v.outputs):
-        v.status = "passed"
-        return v
-    v.status = "failed"
-    v.blame = find_blame(ref_proto, model, out_proto, feeds, rewrites, atol=max(atol, 1e-6))
-    return v
-
-
-@contextlib.contextmanager
-def _runnable(proto: onnx.ModelProto, data: bytes | None):
-    """What onnxruntime loads: the bytes, or (over 2 GiB) a temporary file with external data."""
-    if data is not None:
-        yield data
-        return
-    with tempfile.TemporaryDirectory(prefix="graft-verify-") as d:
-        path = os.path.join(d, "model.onnx")
-        onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-        yield path
-
-
-def _verify_torch(module, example_inputs, result, atol, rtol) -> Verification:
-    import torch
-
-    v = Verification("skipped", atol=atol, rtol=rtol)
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    v.inputs = {f"arg{i}": tuple(a.shape) for i, a in enumerate(args) if hasattr(a, "shape")}
-    with torch.no_grad():
-        ref = _flatten(module(*args))
-        if result.module is not None:
-            got = _flatten(result.module(*args))
-        else:
-            names = [vi.name for vi in result.proto.graph.input
-                     if vi.name not in {t.name for t in result.proto.graph.initializer}]
-            try:
-                got = list(numeric.run(result.proto, {n: _to_numpy(a) for n, a in zip(names, args)}).values())
-            except Exception as e:  # noqa: BLE001
-                raise _invalid("does not run in onnxruntime", _first_line(e), result.model, result.proto,
-                               result) from None
-    v.outputs = [numeric.agreement(_to_numpy(a), _to_numpy(b), f"output{i}") for i, (a, b) in enumerate(zip(ref, got))]
-    if len(ref) != len(got):
-        v.status, v.reason = "failed", f"the torch model returns {len(ref)} outputs, the compiled one {len(got)}"
-        return v
-    v.status = "passed" if all(o.within(atol, rtol) for o in v.outputs) else "failed"
-    return v
-
-
-def _flatten(out) -> list:
-    if isinstance(out, (tuple, list)):
-        return [y for x in out for y in _flatten(x)]
-    if isinstance(out, dict):
-        return [y for x in out.values() for y in _flatten(x)]
-    if hasattr(out, "to_tuple"):  # transformers ModelOutput
-        return _flatten(out.to_tuple())
-    return [out]

@@ -13,10 +13,16 @@ that were dropped because only the replaced nodes read them (the Constant
 weights of a folded Conv, say), and to the readers that now take the rule's
 output instead of the replaced one (*rewired*, a change the rule explains).
 
-Limits: provenance names only the nodes a rule saw. When a second rule rewrote
-a node the first rule created, the second rule's ``graft.replaced`` names that
-intermediate node, so the A nodes the first rule replaced show up as removed
-without a rule.
+Rule-made initializers carry the same provenance (``TensorProto.metadata_props``),
+so rules that create only constants (``constant_to_initializer``, constant
+folding) are found too.
+
+Limits: a rule that creates nothing and only rewires readers to an existing
+value (``remove_identity``, ``remove_noop_reshape``) leaves no trace in the ONNX
+file: what it removed is listed as removed without a rule. When a second rule
+rewrote a node the first rule created, the second rule's ``graft.replaced`` names
+that intermediate node (listed as ``intermediate``); the first rule is then found
+only through an initializer it made, if any.
 
 JSON (:meth:`ModelDiff.to_json`), schema ``graft.diff/1``:
 
@@ -31,8 +37,8 @@ JSON (:meth:`ModelDiff.to_json`), schema ``graft.diff/1``:
   "changed": [change]}``; ``node`` is ``{"graph", "name", "op", "outputs", "rule"}``
   where ``rule`` is the rule that replaced/dropped (removed) or created (added)
   it, else null; removed nodes also have ``"how"``: ``"replaced"`` or ``"dropped"`` (by
-  ``rule``), ``"to_initializer"`` (a Constant node whose output B holds as an initializer of
-  the same name, e.g. ``constant_to_initializer``, a rule that creates no node) or null.
+  ``rule``), ``"to_initializer"`` (no rule, but B holds the Constant node's output as an
+  initializer of the same name, as other ONNX tools write it) or null.
   ``change`` is ``{"graph", "name", "op", "op_b" (when the op type changed),
   "inputs": [{"index", "a", "b", "rewired"}], "attributes": [{"name", "a", "b"}],
   "rewired_only"}`` (``a``/``b`` is null for an input or attribute only one side has).
@@ -40,15 +46,13 @@ JSON (:meth:`ModelDiff.to_json`), schema ``graft.diff/1``:
   ``{"rule", "rewrites", "created": {op: n}, "replaced": {op: n}, "dropped": {op: n},
   "rewired": int (inputs of kept nodes that now read the rule's output), "created_nodes",
   "replaced_nodes", "dropped_nodes", "created_initializers", "dropped_initializers": [names],
-  "intermediate": [names in graft.replaced that are not A nodes]}``. Rule-made initializers
-  carry the same provenance (``TensorProto.metadata_props``), so a rule that creates no
-  node (``constant_to_initializer``) is still found.
+  "intermediate": [names in graft.replaced that are not A nodes]}``.
 - ``io``: ``{"inputs"|"outputs": {"removed": [name], "added": [name],
-  "changed": [{"name", "a", "b"}]}}`` with types written ``float32[batch,3,224,224]``.
+  "changed": [{"name", "a", "b"}]}}`` with types written ``float[batch,3,224,224]``.
 - ``initializers``: ``{"removed": [name], "added": [name], "changed": [name]}`` (main
   graph and subgraphs; ``changed``: same name, different dtype, shape or data).
-- ``check``: null, or ``{"outputs": [{"output", "output_b", "max_abs", "max_rel",
-  "cosine", "shape"}], "error": str | null}`` from :func:`compiler.numeric.compare`
+- ``check``: null, or ``{"inputs": {name: shape}, "outputs": [{"output", "output_b", "max_abs",
+  "max_rel", "cosine", "shape"}], "error": str | null}`` from :func:`compiler.numeric.compare`
   (errors are null where the output shapes differ).
 """
 from __future__ import annotations
@@ -129,7 +133,7 @@ def _compare(na: FlatNode, nb: FlatNode, inst_a: dict, inst_b: dict) -> dict | N
 
 
 def type_str(tp: onnx.TypeProto) -> str:
-    """``float32[batch,3,224,224]``; ``?`` for unknown dims; non-tensor types by their kind."""
+    """``float[batch,3,224,224]`` (TensorProto type names); ``?`` for unknown dims; non-tensor types by kind."""
     if not tp.HasField("tensor_type"):
         return tp.WhichOneof("value") or "?"
     tt = tp.tensor_type
@@ -207,7 +211,7 @@ class ModelDiff:
         """A json-serializable dict (schema ``graft.diff/1``; keys in the module docstring)."""
         return self.data
 
-    def to_text(self, *, width: int = 100, max_items: int = 10) -> str:
+    def to_text(self, *, width: int = 120, max_items: int = 10) -> str:
         """Plain-text report (rich tables), deterministic for the same inputs.
 
         Args:
@@ -329,11 +333,15 @@ def _initializer_diff(fa: FlatModel, fb: FlatModel) -> dict:
 def _check(pa, pb, feeds, seed, dim_sizes) -> dict:
     from compiler import numeric
 
+    shapes: dict[str, list[int]] = {}
     try:
-        res = numeric.compare(pa, pb, feeds, seed=seed, dim_sizes=dim_sizes)
+        if feeds is None:
+            feeds = numeric.make_inputs(pa, seed=seed, dim_sizes=dim_sizes)
+        shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+        res = numeric.compare(pa, pb, feeds)
     except Exception as e:  # onnxruntime raises its own exception types; report, do not crash the diff
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return {"outputs": [], "error": f"{type(e).__name__}: {first}"}
+        return {"inputs": shapes, "outputs": [], "error": f"{type(e).__name__}: {first}"}
     names_b = [o.name for o in pb.graph.output]
     outs = [{"output": r.name, "output_b": names_b[i] if i < len(names_b) else None,
              "max_abs": _finite(r.max_abs), "max_rel": _finite(r.max_rel), "cosine": r.cosine,
@@ -343,7 +351,7 @@ def _check(pa, pb, feeds, seed, dim_sizes) -> dict:
     if len(pa.graph.output) != len(pb.graph.output):
         err = f"A has {len(pa.graph.output)} outputs, B has {len(pb.graph.output)}; compared the first " \
               f"{len(outs)} by position"
-    return {"outputs": outs, "error": err}
+    return {"inputs": shapes, "outputs": outs, "error": err}
 
 
 def _finite(x: float) -> float | None:

@@ -10,13 +10,14 @@ the producers it left without readers.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from compiler.rewriter import PROVENANCE_REPLACED, PROVENANCE_RULE
+from compiler.rewriter import PROVENANCE_REPLACED, PROVENANCE_RULE, RECONNECTED_LOG
 from ir.dtypes import DataType
 
 MAIN = "main"
@@ -65,6 +66,8 @@ class FlatModel:
     readers: dict[str, list[FlatNode]] = field(default_factory=dict)
     producer: dict[str, FlatNode] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)
+    # (rule, replaced labels) of rewrites that created nothing (model metadata "graft.reconnected")
+    reconnected: list[tuple[str, str]] = field(default_factory=list)
 
 
 def flatten(model: onnx.ModelProto) -> FlatModel:
@@ -100,6 +103,9 @@ def flatten(model: onnx.ModelProto) -> FlatModel:
 
     walk(model.graph, MAIN)
     flat.outputs = {o.name for o in model.graph.output}
+    for e in model.metadata_props:
+        if e.key == RECONNECTED_LOG:
+            flat.reconnected = [(r, rep) for r, rep in json.loads(e.value)]
     return flat
 
 
@@ -202,6 +208,8 @@ def attribute_rewrites(fa: FlatModel, fb: FlatModel, removed: list[FlatNode], ad
         prov = _provenance(n.proto.metadata_props)
         if prov is not None:
             rewrite_of(prov).created.append(n)
+    for prov in fb.reconnected:
+        rewrite_of(tuple(prov))
     for key in added_inits:
         prov = _provenance(fb.initializers[key].metadata_props)
         if prov is not None:

@@ -38,11 +38,11 @@ def _more(items: list[str], max_items: int) -> str:
     return shown + (f", … (+{len(items) - max_items} more)" if len(items) > max_items else "")
 
 
-def _table(title: str, *columns: str, right: tuple[int, ...] = ()) -> Table:
+def _table(title: str, *columns: str, right: tuple[int, ...] = (), no_wrap: tuple[int, ...] = (0,)) -> Table:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, c in enumerate(columns):
         # the first column names things (rules, ops, graphs): keep it whole
-        t.add_column(c, justify="right" if i in right else "left", overflow="fold", no_wrap=i == 0)
+        t.add_column(c, justify="right" if i in right else "left", overflow="fold", no_wrap=i in no_wrap)
     return t
 
 
@@ -80,8 +80,9 @@ def _sections(data: dict, max_items: int) -> list:
         out.append(t)
 
     if data["rules"]:
+        # op lists are one op per line: never break an op name
         t = _table("rules (graft provenance in B)", "rule", "rewrites", "created", "replaced", "dropped",
-                   "rewired", right=(1, 5))
+                   "rewired", right=(1, 5), no_wrap=(0, 2, 3, 4))
         for r in data["rules"]:
             t.add_row(r["rule"], _n(r["rewrites"]), _with_inits(r["created"], r["created_initializers"]),
                       _ops(r["replaced"]), _with_inits(r["dropped"], r["dropped_initializers"]), _n(r["rewired"]))
@@ -162,12 +163,13 @@ def _check(data: dict) -> list:
         return []
     out = []
     if chk["outputs"]:
-        t = _table("output agreement (onnxruntime, same generated inputs)", "output", "shape", "max abs",
-                   "max rel", "cosine", right=(2, 3, 4))
+        feeds = ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in chk.get("inputs", {}).items())
+        head = Text(f"output agreement (onnxruntime; generated inputs {feeds})")
+        t = _table("", "output", "shape", "max abs", "max rel", "cosine", right=(2, 3, 4))
         for o in chk["outputs"]:
             name = o["output"] if o["output_b"] in (None, o["output"]) else f"{o['output']} / {o['output_b']}"
             t.add_row(name, str(o["shape"]), _g(o["max_abs"]), _g(o["max_rel"]), f"{o['cosine']:.6f}")
-        out.append(t)
+        out.append(Group(head, t))
     if chk["error"]:
         out.append(Text(f"check: {chk['error']}"))
     return out
@@ -177,7 +179,7 @@ def _g(x: float | None) -> str:
     return "shape differs" if x is None else f"{x:.3g}"
 
 
-def render_text(data: dict, *, width: int = 100, max_items: int = 10) -> str:
+def render_text(data: dict, *, width: int = 120, max_items: int = 10) -> str:
     """The report as plain text (no colour), ``width`` characters wide."""
     buf = io.StringIO()
     console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False,

@@ -134,7 +134,7 @@ class Matcher:
 
     def _node(self, pn: PatternNode, node: Node, b: dict) -> bool:
         """Extend ``b`` in place with ``pn`` matched at ``node``; False (and a miss) if it does not match."""
-        if not pn.is_wildcard:
+        if pn.op_type != "*":  # not a wildcard (op.any_op)
             if node.op_type != pn.op_type or node.domain != pn.domain:
                 if self._track:
                     self._miss(f"pattern wants {pn.op_type} here, found {_describe(node)}", node, b)
@@ -162,7 +162,7 @@ class Matcher:
         if pn.attrs and not self._attrs(pn, node, b):
             return False
         pins = pn.inputs
-        if pn.is_wildcard and not pins:
+        if not pins and pn.op_type == "*":
             return True
         ins = node._inputs  # the node's own list: read only, never kept
         n_in, n_pat = len(ins), len(pins)
@@ -275,7 +275,13 @@ _UNSET = object()
 
 def _attr_equal(have, want) -> bool:
     if isinstance(want, (list, tuple)):
-        return isinstance(have, (list, tuple)) and list(have) == list(want)
+        return isinstance(have, (list, tuple)) and len(have) == len(want) and \
+            all(_attr_equal(h, w) for h, w in zip(have, want))
+    if isinstance(want, float) or isinstance(have, float):
+        # ONNX float attributes are float32 (AttributeProto.f): 0.01 is stored as 0.0099999998
+        if have is None or want is None or isinstance(have, (str, bytes)) or isinstance(want, (str, bytes)):
+            return False
+        return bool(np.float32(have) == np.float32(want))
     return have == want
 
 

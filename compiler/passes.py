@@ -262,6 +262,11 @@ def register_pipeline(name: str, factory: Callable[[], Pipeline], doc: str = "",
     _REGISTRY[name] = (factory, doc.strip().splitlines()[0] if doc.strip() else "")
 
 
+def unregister_pipeline(name: str) -> None:
+    """Remove ``name`` from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_builtins() -> None:
     # graft's own pipelines are defined next to the rules they run (rules/pipelines.py).
     # compiler/ does not import rules/ at module level; the registry pulls them in on first use.

@@ -64,6 +64,8 @@ def build(result) -> Group:
         parts.append(Text(f"iteration limit reached in: {', '.join(limited)} (the graph is valid but may "
                           f"not be fully rewritten)", style="yellow"))
 
+    for note in getattr(result, "notes", ()):
+        parts.append(Text(f"note: {note}", style="yellow"))
     v = result.verification
     if v.outputs:
         outs = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
@@ -76,8 +78,8 @@ def build(result) -> Group:
         parts.append(outs)
     shapes = ", ".join(f"{k}{list(s)}" for k, s in v.inputs.items())
     if v.status == "passed":
-        parts.append(Text(f"verified: outputs agree within atol {v.atol:g} on generated inputs {shapes}",
-                          style="green"))
+        kind = "generated inputs" if v.generated else "the given inputs"
+        parts.append(Text(f"verified: outputs agree within atol {v.atol:g} on {kind} {shapes}", style="green"))
     elif v.status == "failed":
         parts.append(Text(f"verification FAILED (atol {v.atol:g}, inputs {shapes})", style="bold red"))
         if v.blame is not None:

@@ -60,6 +60,9 @@ class RewriteResult:
 
 PROVENANCE_RULE = "graft.rule"
 PROVENANCE_REPLACED = "graft.replaced"
+# Model-level log (metadata_props, JSON [[rule, replaced], ...]) of rewrites that created no
+# node or initializer, so a diff can still say which rule removed what.
+RECONNECTED_LOG = "graft.reconnected"
 
 
 class Builder:
@@ -318,11 +321,37 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
             ins = [v for v in n.inputs if v is not None]
             graph.remove(n, check_uses=False)
             touched.extend(_drop_dead_producers(graph, ins))
+    _inherit_names(graph, old_outs, outs, op)
     for v in outs:
         touched.extend(v.users())
+    if not op.nodes and not op.consts:
+        # Nothing new carries this rewrite's provenance (e.g. Identity(x) -> x): log it on the model.
+        model = graph.model
+        if model is not None:
+            model.meta.setdefault(RECONNECTED_LOG, []).append((rule.name, replaced))
     if on_rewrite is not None:
         on_rewrite(rule, m, op.nodes)
     return op.nodes, touched, len(m.roots) > 1
+
+
+def _inherit_names(graph: Graph, old_outs: list[Value], outs: list[Value], op: Builder) -> None:
+    """A fresh value that replaced a value now gone takes its name.
+
+    Names are what users, diffs and value_info key on: BN folded into a Conv keeps
+    the BN output's name, a Constant turned initializer keeps its name.
+    """
+    fresh = _fresh_outputs(op) | set(op.consts)
+    for old, new in zip(old_outs, outs):
+        if new is old or new not in fresh or not old.name or new.is_graph_output():
+            continue
+        if old.num_uses or (old.producer is not None and old.producer.graph is not None):
+            continue
+        if new.const is not None:
+            graph.initializers.pop(new.name, None)
+            new.name = old.name
+            graph.initializers[new.name] = new
+        else:
+            new.name = old.name
 
 
 def _fresh_outputs(op: Builder) -> set[Value]:

@@ -40,6 +40,20 @@ class ShapeInferenceWarning(UserWarning):
     """onnx.shape_inference failed on a model; values were left as they were."""
 
 
+def static_dim(d) -> bool:
+    """True for a known size: an int >= 0.
+
+    Symbolic names, None, and the negative ``dim_value`` some exporters write for
+    "unknown" (PaddlePaddle's -1; invalid per the ONNX IR spec) are not static.
+    """
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
+
+
+def is_static(shape) -> bool:
+    """True when the rank and every dim of ``shape`` are known (see :func:`static_dim`)."""
+    return shape is not None and all(static_dim(d) for d in shape)
+
+
 def infer_shapes(model: Model) -> int:
     """Infer dtype and shape of every value and store them on the IR in place.
 
@@ -164,7 +178,7 @@ def _merge(v, tt) -> None:
         return
     new = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value >= 0:
             new.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             new.append(d.dim_param)
@@ -173,6 +187,6 @@ def _merge(v, tt) -> None:
     old = v.shape
     if old is not None and len(old) == len(new):
         # keep what the IR knew where inference is less precise (static beats symbolic beats unknown)
-        new = [o if (n is None or (isinstance(n, str) and isinstance(o, int))) and o is not None else n
+        new = [o if (n is None or (isinstance(n, str) and static_dim(o))) and o is not None else n
                for o, n in zip(old, new)]
     v.shape = tuple(new)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 
-from compiler.rule import Rule, RuleDefinitionError
+from compiler.pattern import PatternError
+from compiler.rule import Rule
 
 _counter = itertools.count()
 
@@ -61,8 +63,9 @@ def load_rule_file(path: str | os.PathLike) -> list[Rule]:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except RuleDefinitionError as e:
-        raise UserRuleFileError(f"{_where(path, e)}: invalid rule: {e}") from e
+    except PatternError as e:  # RuleDefinitionError included: a malformed pattern or rule
+        msg = re.sub(r"^\S+:\d+: ", "", str(e))  # the location is given once, in front
+        raise UserRuleFileError(f"{_where(path, e)}: invalid rule: {msg}") from e
     except Exception as e:  # noqa: BLE001 — any import-time failure is the user's file's fault
         raise UserRuleFileError(f"{_where(path, e)}: importing the rule file raised "
                                 f"{type(e).__name__}: {e}") from e

@@ -12,11 +12,15 @@ cost the same per node at 1k and 100k nodes.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ir.dtypes import DataType
+
+
+_DATA_TYPES: dict[int, DataType] = {int(t): t for t in DataType}
 
 
 class IRError(ValueError):
@@ -49,21 +53,21 @@ class Tensor:
             array.flags.writeable = False  # shared constants are never changed in place
             self._array = array
             self.dtype = dtype if dtype is not None else DataType.from_numpy(array.dtype)
-            self.shape = tuple(int(d) for d in array.shape)
+            self.shape = array.shape  # a tuple of Python ints already
         else:
-            self.dtype = DataType(proto.data_type)
-            self.shape = tuple(int(d) for d in proto.dims)
+            dt = _DATA_TYPES.get(proto.data_type)  # plain lookup: the enum call costs ~1 µs per tensor
+            self.dtype = dt if dt is not None else DataType(proto.data_type)
+            self.shape = tuple(proto.dims)  # protobuf gives Python ints
 
     @property
     def array(self) -> np.ndarray:
         """The data as a read-only numpy array (ml_dtypes for bf16/fp8/int4)."""
-        if self._array is None:
-            from ir.onnx_io import tensor_proto_to_array
-
-            arr = tensor_proto_to_array(self._proto)
+        arr = self._array
+        if arr is None:
+            arr = _proto_to_array(self._proto, self.shape)
             arr.flags.writeable = False
             self._array = arr
-        return self._array
+        return arr
 
     @property
     def proto(self):
@@ -71,7 +75,7 @@ class Tensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # exact Python ints; np.prod costs microseconds per call
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +83,15 @@ class Tensor:
 
     def __repr__(self) -> str:
         return f"Tensor({self.dtype.name}, {list(self.shape)})"
+
+
+def _proto_to_array(proto, shape) -> np.ndarray:
+    # ir.onnx_io imports this module, so bind its converter on first use, then call it directly
+    global _proto_to_array
+    from ir.onnx_io import tensor_proto_to_array
+
+    _proto_to_array = tensor_proto_to_array
+    return tensor_proto_to_array(proto, shape)
 
 
 # --------------------------------------------------------------------------- Value
@@ -338,8 +351,18 @@ class Graph:
         (``old`` is renamed); otherwise (a graph input, an initializer, a value
         already output) an ``Identity`` node carries the old name.
         """
+        if old in self._input_set:
+            raise IRError(f"cannot replace graph output {old.name!r} of graph {self.name!r}: it is also a "
+                          f"graph input, and renaming it would change the model's inputs; route the "
+                          f"output through an Identity node first")
         keep = old.name
         old.name = self.unique_name(keep + "_old")
+        if self.initializers.get(keep) is old:  # keep initializers keyed by their own name
+            del self.initializers[keep]
+            self.initializers[old.name] = old
+        if new.dtype is None and new.type_proto is None:
+            # ONNX graph outputs must be typed; the replacement computes the same thing as `old`
+            new.dtype, new.shape = old.dtype, old.shape
         if new.producer is not None and new.graph is self and new not in self._output_set:
             new.name = keep
             out = new

@@ -74,13 +74,19 @@ class DataType(enum.IntEnum):
 
     @property
     def bitwidth(self) -> int:
+        bits = _BITWIDTH.get(self)
+        if bits is not None:
+            return bits
         if self in (DataType.UINT4, DataType.INT4, DataType.FLOAT4E2M1):
-            return 4
-        if self in (DataType.UINT2, DataType.INT2):
-            return 2
-        if self == DataType.STRING:
-            return 0
-        return self.to_numpy().itemsize * 8
+            bits = 4
+        elif self in (DataType.UINT2, DataType.INT2):
+            bits = 2
+        elif self == DataType.STRING:
+            bits = 0
+        else:
+            bits = self.to_numpy().itemsize * 8
+        _BITWIDTH[self] = bits  # to_numpy goes through onnx.helper: answer each type once
+        return bits
 
     @property
     def is_float(self) -> bool:
@@ -88,6 +94,7 @@ class DataType(enum.IntEnum):
 
 
 _FROM_NUMPY: dict = {}
+_BITWIDTH: dict = {}
 
 
 def name_of(t: int) -> str:

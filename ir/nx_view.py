@@ -67,10 +67,10 @@ def to_networkx(graph: Graph, *, include_inputs: bool = False,
             if src is not None:
                 out_idx = v.index if v.producer is not None else None
                 g.add_edge(src, i, value=v.name, index=k, output_index=out_idx, implicit=False)
-        for sg in n.subgraphs():
-            for v in outer_scope_values(sg):
-                src = source(v)
-                if src is not None:
-                    out_idx = v.index if v.producer is not None else None
-                    g.add_edge(src, i, value=v.name, index=None, output_index=out_idx, implicit=True)
+        implicit = dict.fromkeys(v for sg in n.subgraphs() for v in outer_scope_values(sg))
+        for v in implicit:  # one edge per value, however many branches read it
+            src = source(v)
+            if src is not None:
+                out_idx = v.index if v.producer is not None else None
+                g.add_edge(src, i, value=v.name, index=None, output_index=out_idx, implicit=True)
     return g

@@ -41,12 +41,15 @@ _RAW_NUMPY = {int(k): np.dtype(v) for k, v in (
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def tensor_proto_to_array(proto) -> np.ndarray:
-    """The tensor's data (``onnx.numpy_helper.to_array`` semantics, read-only for raw data)."""
+def tensor_proto_to_array(proto, shape: tuple | None = None) -> np.ndarray:
+    """The tensor's data (``onnx.numpy_helper.to_array`` semantics, read-only for raw data).
+
+    ``shape``: the proto's dims when the caller already has them as a tuple.
+    """
     dt = _RAW_NUMPY.get(proto.data_type)
     if dt is not None and _LITTLE_ENDIAN and proto.HasField("raw_data") \
             and proto.data_location != onnx.TensorProto.EXTERNAL and not proto.HasField("segment"):
-        return np.frombuffer(proto.raw_data, dtype=dt).reshape(tuple(proto.dims))
+        return np.frombuffer(proto.raw_data, dtype=dt).reshape(tuple(proto.dims) if shape is None else shape)
     return numpy_helper.to_array(proto)
 
 
@@ -75,7 +78,15 @@ def _tensor_to_proto(t: Tensor, name: str):
             p.name = name
         return p
     arr = t.array
-    if t.dtype == DataType.STRING:
+    raw_dt = _RAW_NUMPY.get(int(t.dtype))
+    if raw_dt is not None and raw_dt == arr.dtype and _LITTLE_ENDIAN:
+        # what numpy_helper.from_array writes for these types, without its dispatch
+        p = onnx.TensorProto()
+        p.name = name
+        p.data_type = int(t.dtype)
+        p.dims.extend(arr.shape)
+        p.raw_data = arr.tobytes()
+    elif t.dtype == DataType.STRING:
         p = numpy_helper.from_array(np.asarray(arr, dtype=object), name)
     else:
         p = numpy_helper.from_array(arr, name)
@@ -90,6 +101,8 @@ def _tensor_to_proto(t: Tensor, name: str):
 def _initializer_proto(v: Value, name: str):
     """The initializer's TensorProto with the value's ``graft.*`` metadata (rule provenance)."""
     p = _tensor_to_proto(v.const, name)
+    if not v.meta:
+        return p
     have = {e.key for e in p.metadata_props}
     for k, val in v.meta.items():
         if isinstance(val, str) and k.startswith("graft.") and k not in have:
@@ -125,15 +138,32 @@ def _set_type(v: Value, tp) -> None:
 
 def _value_info(v: Value):
     """A ValueInfoProto for ``v``: the original TypeProto when unchanged."""
-    vi = onnx.ValueInfoProto()
+    return _fill_value_info(onnx.ValueInfoProto(), v)
+
+
+def _fill_value_info(vi, v: Value):
+    """Write ``v``'s name, doc and type into ``vi`` (a message already inside its graph: no copy)."""
     vi.name = v.name
     if v.doc_string:
         vi.doc_string = v.doc_string
     if v.type_proto is not None and v.meta.get("_typed_as") == (v.dtype, v.shape):
         vi.type.CopyFrom(v.type_proto)
     elif v.dtype is not None:
-        shape = None if v.shape is None else [d if d is not None else None for d in v.shape]
-        vi.type.CopyFrom(helper.make_tensor_type_proto(int(v.dtype), shape))
+        # what helper.make_tensor_type_proto builds, written in place
+        tt = vi.type.tensor_type
+        tt.elem_type = int(v.dtype)
+        if v.shape is not None:
+            shape = tt.shape
+            shape.SetInParent()  # a scalar still has a (rank-0) shape
+            for d in v.shape:
+                dim = shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                elif isinstance(d, str):
+                    dim.dim_param = d
+                elif d is not None:
+                    raise IRError(f"value {v.name!r} has dim {d!r} of type {type(d).__name__} in its shape; "
+                                  f"dims are int, str (symbolic) or None")
     return vi
 
 
@@ -309,8 +339,37 @@ def _write_attr(name: str, value, atype: int | None):
     return helper.make_attribute(name, value, attr_type=atype)
 
 
+_A = onnx.AttributeProto
+
+
+def _fill_plain_attr(a, name: str, value, atype: int | None) -> bool:
+    """Write an int/float/str or a non-empty list of ints/floats into ``a`` as
+    ``helper.make_attribute`` would; False (``a`` untouched) for anything else."""
+    t = type(value)
+    if t is int and atype in (None, _A.INT):
+        a.name, a.type, a.i = name, _A.INT, value
+    elif t is float and atype in (None, _A.FLOAT):
+        a.name, a.type, a.f = name, _A.FLOAT, value
+    elif t is str and atype in (None, _A.STRING):
+        # surrogateescape: the inverse of how strings were read, so any bytes round-trip
+        a.name, a.type, a.s = name, _A.STRING, value.encode("utf-8", errors="surrogateescape")
+    elif t is list and value and atype in (None, _A.INTS) and all(type(x) is int for x in value):
+        a.name, a.type = name, _A.INTS
+        a.ints.extend(value)
+    elif t is list and value and atype in (None, _A.FLOATS) and all(type(x) is float for x in value):
+        a.name, a.type = name, _A.FLOATS
+        a.floats.extend(value)
+    else:
+        return False
+    return True
+
+
 def _node_proto(n: Node) -> onnx.NodeProto:
-    p = onnx.NodeProto()
+    return _fill_node_proto(onnx.NodeProto(), n)
+
+
+def _fill_node_proto(p, n: Node) -> onnx.NodeProto:
+    """Write node ``n`` into ``p`` (a message already inside its graph: no copy)."""
     p.op_type = n.op_type
     if n.domain:
         p.domain = n.domain
@@ -324,10 +383,12 @@ def _node_proto(n: Node) -> onnx.NodeProto:
     p.output.extend(v.name for v in n.outputs)
     refs = n.meta.get("_ref_attrs", {})
     for k, v in n.attrs.items():
-        a = _write_attr(k, v, n.attr_types.get(k))
+        a = p.attribute.add()
+        atype = n.attr_types.get(k)
+        if not _fill_plain_attr(a, k, v, atype):
+            a.CopyFrom(_write_attr(k, v, atype))
         if k in refs:
             a.ref_attr_name = refs[k]
-        p.attribute.append(a)
     for k, v in n.meta.items():
         if isinstance(v, str) and not k.startswith("_"):
             e = p.metadata_props.add()
@@ -342,18 +403,19 @@ def _write_graph(g: Graph, gp: onnx.GraphProto | None = None) -> onnx.GraphProto
     if g.doc_string:
         gp.doc_string = g.doc_string
     for v in g.inputs:
-        gp.input.append(_value_info(v))
+        _fill_value_info(gp.input.add(), v)
     for name, v in g.initializers.items():
         # add().CopyFrom, not extend: upb's extend serializes, which fails for a tensor over 2 GiB
         gp.initializer.add().CopyFrom(_initializer_proto(v, name))
     gp.sparse_initializer.extend(g.sparse_initializers)
-    gp.node.extend(_node_proto(n) for n in g)
+    add_node = gp.node.add
+    for n in g:
+        _fill_node_proto(add_node(), n)
     for v in g.outputs:
-        vi = _value_info(v)
+        vi = _fill_value_info(gp.output.add(), v)
         ot = v.meta.get("_output_type")
         if ot is not None and v.meta.get("_typed_as") == (v.dtype, v.shape):
             vi.type.CopyFrom(ot)
-        gp.output.append(vi)
     # value_info: the original entries still present, then values typed since.
     io = {v.name for v in g.inputs} | {v.name for v in g.outputs} | set(g.initializers)
     emitted = set()
@@ -364,7 +426,7 @@ def _write_graph(g: Graph, gp: onnx.GraphProto | None = None) -> onnx.GraphProto
                 by_name[o.name] = o
     for name in list(g.value_info) + list(by_name):
         if name in by_name and name not in emitted:
-            gp.value_info.append(_value_info(by_name[name]))
+            _fill_value_info(gp.value_info.add(), by_name[name])
             emitted.add(name)
     for k, v in g.meta.items():
         if isinstance(v, str) and not k.startswith("_"):
@@ -392,7 +454,15 @@ def to_onnx(model: Model) -> onnx.ModelProto:
             setattr(mp, attr, val)
     if model.model_version:
         mp.model_version = model.model_version
-    for k, v in model.metadata_props.items():
+    props = dict(model.metadata_props)
+    log = model.meta.get("graft.reconnected")
+    if log:
+        import json
+
+        # rewrites that created nothing (see compiler.rewriter.RECONNECTED_LOG), appended to any earlier log
+        earlier = json.loads(props.get("graft.reconnected", "[]"))
+        props["graft.reconnected"] = json.dumps(earlier + [list(x) for x in log])
+    for k, v in props.items():
         e = mp.metadata_props.add()
         e.key, e.value = k, v
     mp.functions.extend(model.functions)
@@ -436,11 +506,7 @@ def exceeds_protobuf_limit(proto: onnx.ModelProto) -> bool:
     for t in _all_tensors(proto):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        try:
-            bits = DataType(t.data_type).bitwidth
-        except (TypeError, ValueError, KeyError):
-            bits = 0
-        est += (int(np.prod(t.dims, dtype=np.int64)) * bits) // 8
+        est += _tensor_nbytes(t)
         if est > PROTOBUF_LIMIT:
             return True
     try:
@@ -493,6 +559,20 @@ def load(path: str | os.PathLike, *, check: bool = True) -> Model:
         raise ModelLoadError(f"{path}: {e}") from None
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it to query it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
     """Write ``proto`` to ``path`` atomically: to a temporary file, then rename.
 
@@ -505,25 +585,20 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
         external_data = exceeds_protobuf_limit(proto)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file 0600; the model gets the permissions a plain open() would give it
+    os.chmod(tmp, 0o666 & ~_umask())
     data_name = path.name + ".data"
     tmp_data = None
     try:
         if external_data:
-            # onnx writes the data file under the location name next to tmp: stage it as tmp too.
-            tmp_data_name = Path(tmp).name + ".data"
-            tmp_data = path.parent / tmp_data_name
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data_name, size_threshold=1024)
-            # point the model at the final data name, then move both into place
-            m = onnx.load(tmp, load_external_data=False)
-            for t in _all_tensors(m):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
+            tmp_data = Path(tmp + ".data")
+            moved = _move_tensors_out(proto, tmp_data, data_name)
             with open(tmp, "wb") as f:
-                f.write(m.SerializeToString())
-            if tmp_data.exists():  # absent when every tensor is under the 1 KiB threshold
+                f.write(proto.SerializeToString())
+            if moved:
                 os.replace(tmp_data, path.parent / data_name)
+            else:  # every tensor is under the threshold: one self-contained file
+                os.unlink(tmp_data)
             tmp_data = None
         else:
             with open(tmp, "wb") as f:
@@ -534,6 +609,49 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
             if p is not None and os.path.exists(p):
                 os.unlink(p)
         raise
+
+
+# Tensors smaller than this stay inside the .onnx file (onnx.save_model's default threshold).
+EXTERNAL_DATA_THRESHOLD = 1024
+# Data offsets are page-aligned so onnxruntime can memory-map each tensor.
+_EXTERNAL_ALIGN = 4096
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from dims × element width (reads no data; 0 for strings/unknown types)."""
+    try:
+        bits = DataType(t.data_type).bitwidth
+    except (TypeError, ValueError, KeyError):
+        bits = 0
+    return (int(np.prod(t.dims, dtype=np.int64)) * bits) // 8
+
+
+def _move_tensors_out(proto: onnx.ModelProto, data_file: Path, location: str) -> int:
+    """Write each raw tensor of ``EXTERNAL_DATA_THRESHOLD`` bytes or more to ``data_file`` and point
+    ``proto`` at it under ``location`` (ONNX external data: location/offset/length). Returns the count.
+
+    Each tensor's bytes are read once: upb copies ``raw_data`` on every access, which for a
+    multi-GB tensor costs seconds (onnx.save_model reads it several times).
+    """
+    from onnx.external_data_helper import set_external_data
+
+    moved = 0
+    with open(data_file, "wb") as f:
+        for t in _all_tensors(proto):
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
+                    or _tensor_nbytes(t) < EXTERNAL_DATA_THRESHOLD:
+                continue
+            offset = f.tell()
+            if offset % _EXTERNAL_ALIGN:
+                f.write(b"\0" * (_EXTERNAL_ALIGN - offset % _EXTERNAL_ALIGN))
+                offset = f.tell()
+            data = t.raw_data
+            f.write(data)
+            set_external_data(t, location, offset=offset, length=len(data))
+            del data
+            t.ClearField("raw_data")
+            moved += 1
+    return moved
 
 
 def _all_tensors(m: onnx.ModelProto):

@@ -121,6 +121,8 @@ TENSOR, TENSOR_LIST, OTHER = "tensor", "tensor_list", "other"
 def arg_layout(op_type: str) -> tuple[tuple[str, str, str, Any, bool], ...]:
     """Per schema argument: ``(name, kind, type string, default, has_default)``.
 
+    (:func:`kwarg_only` says which arguments are keyword-only.)
+
     ``kind`` is :data:`TENSOR`, :data:`TENSOR_LIST` or :data:`OTHER`; the type string
     is the schema's real type (``"ScalarType"``, ``"List[int]"``, ``"Optional[Tensor]"``).
     """
@@ -141,6 +143,12 @@ def arg_layout(op_type: str) -> tuple[tuple[str, str, str, Any, bool], ...]:
         has_default = a.has_default_value()
         out.append((a.name, kind, real, a.default_value if has_default else None, has_default))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def kwarg_only(op_type: str) -> frozenset[str]:
+    """Names of the schema's keyword-only arguments."""
+    return frozenset(a.name for a in overload(op_type)._schema.arguments if a.kwarg_only)
 
 
 def _unopt(t):

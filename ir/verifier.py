@@ -88,6 +88,9 @@ class _Verifier:
         position = {n: i for i, n in enumerate(nodes)}
         defined: dict[Value, None] = {}
         for v in g.inputs:
+            if g.parent is None and v.dtype is None and v.type_proto is None:
+                self.out.append(f"{gname}: graph input {v.name!r} has no type; ONNX requires one — set "
+                                f"value.dtype/shape")
             self._define(v, g, f"input of {gname}")
             defined[v] = None
         for name, v in g.initializers.items():
@@ -128,6 +131,9 @@ class _Verifier:
                     self._define(o, g, f"output {k} of {where}")
                 defined[o] = None
         for k, v in enumerate(g.outputs):
+            if g.parent is None and v.dtype is None and v.type_proto is None:
+                self.out.append(f"{gname}: graph output {k} {v.name!r} has no type; ONNX requires one — set "
+                                f"value.dtype/shape or run compiler.shapes.infer_shapes(model)")
             if not any(v in s for s in scope):
                 self.out.append(f"{gname}: graph output {k} {v.name!r} is not defined in this graph or "
                                 f"an enclosing one{self._dangling_hint(v)}; point the output at a live "
@@ -219,7 +225,7 @@ class _Verifier:
             for (user, i) in v._uses:
                 ok = user.graph is not None and i < len(user._inputs) and user._inputs[i] is v
                 if not ok:
-                    state = "was removed from its graph" if user.graph is None else \
+                    state = "is in no graph (removed, or never added)" if user.graph is None else \
                         f"reads {_name(user._inputs[i]) if i < len(user._inputs) else 'nothing'} there"
                     self.out.append(f"graph {g.name!r}: value {v.name!r} lists use ({user.name!r} "
                                     f"{user.op_type}, input {i}), but that node {state}; edit inputs "

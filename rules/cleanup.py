@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler import Const, Rule, Var, op
+from compiler import Rule, Var, op
+from compiler.shapes import is_static, static_dim
 
 x, like = Var("x"), Var("like")
 shape, shape1, shape2 = Var("shape"), Var("shape1"), Var("shape2")
@@ -121,10 +122,6 @@ remove_noop_castlike = Rule("remove_noop_castlike", op.CastLike(x, like, name="c
 
 
 # ---------------------------------------------------------------- Reshape
-def _is_static(s) -> bool:
-    return s is not None and all(isinstance(d, int) for d in s)
-
-
 def reshape_is_identity(in_shape, target, allowzero: int) -> bool:
     """Whether Reshape(x, target) returns x unchanged, given x's (possibly symbolic) shape.
 
@@ -142,7 +139,7 @@ def reshape_is_identity(in_shape, target, allowzero: int) -> bool:
             minus_one += 1
         elif want == 0 and not allowzero:
             continue
-        elif not (isinstance(have, int) and have == want):
+        elif not (static_dim(have) and have == want):
             return False
     return minus_one <= 1
 
@@ -150,7 +147,7 @@ def reshape_is_identity(in_shape, target, allowzero: int) -> bool:
 def _reshape_check(m):
     node, data = m.reshape, m.value(x)
     out = node.output
-    if _is_static(data.shape) and _is_static(out.shape):
+    if is_static(data.shape) and is_static(out.shape):
         if tuple(data.shape) == tuple(out.shape):
             return None
         return m.fail(f"Reshape changes shape {list(data.shape)} to {list(out.shape)}", node)

@@ -37,6 +37,7 @@ import onnx.shape_inference
 from onnx import helper, numpy_helper
 
 from compiler import Const, Rule, Var, op
+from compiler.shapes import is_static
 from ir.dtypes import DataType
 from ir.onnx_io import _node_proto
 
@@ -59,7 +60,7 @@ _DATA_ELEMENTS = 4096
 
 # ---------------------------------------------------------------- fold_constants
 def _foldable(node) -> bool:
-    return node.domain in ("", "ai.onnx") and any(v is not None for v in node.inputs)
+    return node.domain == "" and any(v is not None for v in node.inputs)
 
 
 def _evaluate(m):
@@ -104,6 +105,9 @@ def _evaluate(m):
     except Exception as e:  # the reference implementation lacks the op/version or rejects the inputs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return m.fail(f"onnx.reference cannot evaluate {node.op_type} (opset {m.opset}): {first}", node)
+    if len(got) != len(node.outputs):
+        return m.fail(f"onnx.reference returned {len(got)} outputs for {node.op_type}, the node has "
+                      f"{len(node.outputs)}", node)
     out = []
     for (dtype, shape), res, o in zip(predicted, got, node.outputs):
         res = np.asarray(res)
@@ -212,7 +216,7 @@ fold_constants = Rule("fold_constants", op.any_op(name="node", where=_foldable),
 x = Var("x")
 indices = Const("indices")
 dims = Var("dims", where=lambda v: v.producer is not None and v.producer.op_type == "Shape"
-           and v.producer.domain in ("", "ai.onnx"))
+           and v.producer.domain == "")
 
 
 def _shape_slice(node, shape) -> list | None:
@@ -230,7 +234,7 @@ def _shape_slice(node, shape) -> list | None:
 def _static_dims_check(m, node, dims_):
     if dims_ is None:
         return m.fail(f"rank of {node.inputs[0].name!r} is unknown (run infer_shapes first)", node)
-    if not all(isinstance(d, int) for d in dims_):
+    if not is_static(dims_):
         return m.fail(f"shape {dims_} of {node.inputs[0].name!r} is not static", node)
     if node.output.is_graph_output():
         return m.fail(f"output {node.output.name!r} is a graph output (it would become an initializer)", node)
@@ -282,7 +286,7 @@ def _gather_check(m):
     got = _gathered(m)
     if got is None:
         return m.fail("the input shape is unknown or the indices are out of range", m.gather)
-    if not all(isinstance(d, int) for d in got.ravel()):
+    if not is_static(got.ravel()):
         return m.fail(f"gathered dims {got.tolist()} are not all static", m.gather)
     if m.gather.output.is_graph_output():
         return m.fail("Gather's output is a graph output (it would become an initializer)", m.gather)

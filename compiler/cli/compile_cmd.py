@@ -38,7 +38,8 @@ def _input_path(arg: str) -> Path:
               help="Named pipeline (see `graft rules`); 'none' runs only --rules.")
 @click.option("--rules", "rule_files", multiple=True, metavar="FILE",
               help="Python file of compiler.Rule objects (or a RULES list), run after the pipeline (repeatable).")
-@click.option("--no-verify", is_flag=True, help="Skip the numeric comparison with the input model.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the numeric comparison with the input model (structural checks still run).")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="Largest absolute output difference accepted.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
@@ -78,7 +79,8 @@ def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, .
         result = compile(model, pipeline=pipeline, rules=user_rules or None, verify=not no_verify,
                          atol=atol, dim_sizes=dim_sizes)
     except ModelLoadError as e:
-        fail(f"{e} (give a complete, valid ONNX model)")
+        msg = str(e).rstrip()
+        fail(msg if msg.endswith(")") else f"{msg} (give a complete, valid ONNX model)")
     except RuleDefinitionError as e:
         fail(f"{e} (rename or drop one of the rules)")
     except RuleError as e:
@@ -93,6 +95,9 @@ def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, .
         fail(f"{model}: {e}")
     except (CompileError, IRError) as e:
         fail(f"{model}: {e}")
+    except Exception as e:  # noqa: BLE001 — a graft bug: still one line, the traceback on request
+        fail(f"{model}: internal error {type(e).__name__}: {e} (rerun with GRAFT_DEBUG=1 for the traceback "
+             f"and report it)")
     try:
         result.save(out)
     except OSError as e:

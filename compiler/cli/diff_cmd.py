@@ -6,18 +6,8 @@ import json
 import click
 
 from compiler.cli import main
+from compiler.cli._errors import fail, parse_dims
 from compiler.cli._model_path import console, load_proto_arg
-
-
-def _dims(pairs: tuple[str, ...]) -> dict[str, int]:
-    out = {}
-    for p in pairs:
-        name, sep, size = p.partition("=")
-        if not sep or not name or not size.isdigit() or int(size) < 1:
-            raise click.BadParameter(f"{p!r}: expected NAME=SIZE with a positive integer SIZE "
-                                     f"(e.g. --dim batch=1)", param_hint="--dim")
-        out[name] = int(size)
-    return out
 
 
 @main.command("diff")
@@ -43,7 +33,7 @@ def diff_cmd(model_a: str, model_b: str, as_json: bool, check: bool, dims: tuple
     """
     from compiler.diff import diff_models
 
-    dim_sizes = _dims(dims)
+    dim_sizes = parse_dims(dims)
     pa, pb = load_proto_arg(model_a), load_proto_arg(model_b)
     d = diff_models(pa, pb, check=check, seed=seed, dim_sizes=dim_sizes, names=(model_a, model_b))
     if as_json:
@@ -56,4 +46,4 @@ def diff_cmd(model_a: str, model_b: str, as_json: bool, check: bool, dims: tuple
         console().print(Group(*renderables(d.to_json(), max_items=max_items)))
     chk = d.to_json()["check"]
     if chk is not None and chk["error"] and not chk["outputs"]:
-        raise click.ClickException(f"--check could not run both models: {chk['error']}")
+        fail(f"--check could not run both models: {chk['error']}")

@@ -6,15 +6,15 @@ import difflib
 import click
 
 from compiler.cli import main
+from compiler.cli._errors import fail
 from compiler.cli._model_path import console, resolve_model_arg
 
 
 def find_rule(name: str, rules_file: str | None):
     """The rule called ``name``: from ``rules_file`` when given, else (or failing that) built in.
 
-    Raises:
-        click.ClickException: a rule file that cannot be loaded, or no such rule (the message
-            lists the close names, and the rules the file defines).
+    A rule file that cannot be loaded, or no such rule, ends the process with a one-line
+    error (:func:`fail`) listing the close names and the rules the file defines.
     """
     from compiler.user_rules import UserRuleFileError, load_rule_file
 
@@ -23,7 +23,7 @@ def find_rule(name: str, rules_file: str | None):
         try:
             file_rules = load_rule_file(rules_file)
         except UserRuleFileError as e:
-            raise click.ClickException(str(e)) from None
+            fail(str(e))
         for r in file_rules:
             if r.name == name:
                 return r
@@ -33,12 +33,12 @@ def find_rule(name: str, rules_file: str | None):
         return rules.get(name)
     except KeyError as e:
         if rules_file is None:
-            raise click.ClickException(e.args[0]) from None
+            fail(e.args[0])
         known = [r.name for r in file_rules]
         close = difflib.get_close_matches(name, known + [r.name for r in rules.all_rules()], n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise click.ClickException(f"no rule named {name!r} in {rules_file} (it defines {', '.join(known)}) "
-                                   f"nor among the built-in rules{hint}") from None
+        fail(f"no rule named {name!r} in {rules_file} (it defines {', '.join(known)}) "
+             f"nor among the built-in rules{hint}")
 
 
 def _pattern_text(pn) -> str:
@@ -119,12 +119,11 @@ def explain_cmd(rule_name: str, model: str, rules_file: str | None, max_items: i
     try:
         graph = ir.load(resolve_model_arg(model))
     except ir.ModelLoadError as e:
-        raise click.ClickException(str(e)) from None
+        fail(str(e))
     try:
         hits, misses = explain(graph, rule)
     except Exception as e:  # a user rule's check may raise anything: name the rule, not a traceback
-        raise click.ClickException(f"rule {rule.name!r} ({rule.where}): its check raised "
-                                   f"{type(e).__name__}: {e}") from None
+        fail(f"rule {rule.name!r} ({rule.where}): its check raised {type(e).__name__}: {e}")
 
     size = sum(len(list(r.walk())) for r in rule.roots)
     root = rule.roots[0]

@@ -63,7 +63,7 @@ def checker_failing_model() -> onnx.ModelProto:
     """A Conv node with one input: the schema wants 2..3."""
     n = helper.make_node("Conv", ["x"], ["y"], name="bad_conv")
     g = helper.make_graph([n], "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -9,7 +9,7 @@ import pytest
 import ir
 from compiler import Const, Rule, RuleError, RuleSet, StopReason, Var, op
 from compiler.passes import (FunctionPass, Pass, PassResult, Pipeline, RewritePass, get_pipeline, pipeline_doc,
-                             pipeline_names, register_pipeline)
+                             pipeline_names, register_pipeline, unregister_pipeline)
 from compile_models import conv_bn_model
 from conftest import assert_same_outputs, parse_model
 from rules import fold_batchnorm
@@ -113,16 +113,22 @@ def test_registry_lookup_and_errors():
     assert {"cleanup", "optimize", "none"} <= set(pipeline_names())
     with pytest.raises(KeyError, match="known pipelines: .*cleanup.*optimize"):
         get_pipeline("optimise")
-    register_pipeline("test_only_ids", lambda: Pipeline("test_only_ids", [RewritePass([remove_identity], "ids")]),
-                      "identity removal only\nsecond line ignored", replace=True)
-    a, b = get_pipeline("test_only_ids"), get_pipeline("test_only_ids")
-    assert a is not b and a.passes[0] is not b.passes[0]  # fresh passes per lookup
-    assert pipeline_doc("test_only_ids") == "identity removal only"
-    with pytest.raises(ValueError, match="already registered"):
-        register_pipeline("test_only_ids", lambda: Pipeline("x", []))
-    register_pipeline("test_bad_factory", lambda: [], replace=True)
-    with pytest.raises(TypeError, match="not a Pipeline"):
-        get_pipeline("test_bad_factory")
+    try:
+        register_pipeline("test_only_ids", lambda: Pipeline("test_only_ids", [RewritePass([remove_identity], "ids")]),
+                          "identity removal only\nsecond line ignored")
+        assert "test_only_ids" in pipeline_names()
+        a, b = get_pipeline("test_only_ids"), get_pipeline("test_only_ids")
+        assert a is not b and a.passes[0] is not b.passes[0]  # fresh passes per lookup
+        assert pipeline_doc("test_only_ids") == "identity removal only"
+        with pytest.raises(ValueError, match="already registered"):
+            register_pipeline("test_only_ids", lambda: Pipeline("x", []))
+        register_pipeline("test_bad_factory", lambda: [])
+        with pytest.raises(TypeError, match="not a Pipeline"):
+            get_pipeline("test_bad_factory")
+    finally:
+        unregister_pipeline("test_only_ids")
+        unregister_pipeline("test_bad_factory")
+    assert "test_only_ids" not in pipeline_names()
 
 
 def test_builtin_pipeline_stages():

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from hypothesis import given, settings, strategies as st
+from onnx.reference import ReferenceEvaluator
 
 import ir
 from compiler import PROVENANCE_RULE, explain, rewrite, zoo
@@ -400,3 +402,39 @@ def test_ppocr_models_lose_their_constant_nodes_and_agree(name, shape):
     assert [o.name for o in out.graph.output] == outputs(proto)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     assert_same_outputs(proto, out, feeds={proto.graph.input[0].name: x})
+
+
+# ---------------------------------------------------------------- properties
+@settings(max_examples=25, deadline=None)
+@given(st.permutations(range(4)), st.permutations(range(4)))
+def test_any_transpose_pair_becomes_at_most_one_equivalent_transpose(p1, p2):
+    proto = build(f"""
+        g (float[2, 3, 4, 5] x) => (float[A, B, C, D] y) {{
+            a = Transpose<perm = {list(p1)}>(x)
+            b = Transpose<perm = {list(p2)}>(a)
+            y = Neg(b)
+        }}""")
+    out, result, _ = clean(proto, [cleanup.cancel_transpose_pair])
+    identity = [p1[i] for i in p2] == list(range(4))
+    assert ops(out) == (Counter(Neg=1) if identity else Counter(Transpose=1, Neg=1))
+    assert_same_outputs(proto, out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.data())
+def test_reshape_is_identity_agrees_with_the_reference_reshape(in_shape, data):
+    # a target built from each dim, a 0 (copy), a single -1, or another size
+    target = [data.draw(st.sampled_from([d, 0, d + 1, 1])) for d in in_shape]
+    if data.draw(st.booleans()):
+        target[data.draw(st.integers(0, len(target) - 1))] = -1
+    allowzero = data.draw(st.sampled_from([0, 1]))
+    if allowzero and 0 in target and -1 in target:
+        return  # invalid per the spec
+    x = np.zeros(in_shape, np.float32)
+    node = onnx.helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=allowzero)
+    try:
+        (y,) = ReferenceEvaluator(node, opsets={"": 17}).run(None, {"x": x, "s": np.array(target, np.int64)})
+    except Exception:
+        return  # the target does not fit the element count
+    expected = tuple(y.shape) == tuple(in_shape)
+    assert cleanup.reshape_is_identity(tuple(in_shape), target, allowzero) == expected

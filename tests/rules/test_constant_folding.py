@@ -11,7 +11,6 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx.parser
-import pytest
 
 import ir
 from compiler import explain, rewrite
@@ -258,6 +257,22 @@ def test_shape_of_symbolic_dims_kept_but_static_dim_gathered():
     assert "not static" in reason(model, fold_shape)
     assert "not all static" in reason(model, fold_gather_of_shape)
     assert_same_outputs(proto, out, dim_sizes={"N": 5})
+
+
+def test_negative_dim_value_is_unknown_not_static():
+    # PaddlePaddle exports write dim_value -1 for "unknown" (PP-OCR does): never fold it into a constant
+    proto = build("""
+        g (float[N, 3] x) => (int64[2] y) {
+            s = Shape(x)
+            y = Neg(s)
+        }""")
+    proto.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.checker.check_model(proto)
+    out, result, model = fold(proto, [fold_shape, fold_gather_of_shape])
+    assert result.rewrites == 0 and ops(out) == Counter(Shape=1, Neg=1)
+    assert model.graph.inputs[0].shape == (-1, 3)  # kept as written
+    assert "not static" in reason(model, fold_shape)
 
 
 # ---------------------------------------------------------------- real model

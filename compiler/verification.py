@@ -1,0 +1,240 @@
+"""Numeric verification of a compile: run the input and the output model on the same inputs.
+
+ONNX input: both models run in onnxruntime (``compiler.numeric``, graph optimizations
+off) on the caller's inputs or on seeded random ones; each output is compared by
+max abs / max rel error and cosine similarity. Torch input: the eager module against
+the compiled GraphModule (target ``torch``) or the ONNX output in onnxruntime.
+
+Verification is *skipped*, with the reason, when the input model itself cannot run
+(a custom-domain op onnxruntime has no kernel for, inputs it cannot take); it is
+never skipped silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from compiler import numeric
+from compiler.blame import Blame, find_blame
+from compiler.numeric import OutputAgreement
+
+# Sizes for symbolic dims when the caller gives none: batch-like (axis 0) dims small,
+# others large enough for strided convolutions and pooling (32 = 2^5).
+BATCH_DIM = 2
+OTHER_DIM = 32
+
+
+class OutputDoesNotRun(RuntimeError):
+    """onnxruntime rejects the compiled model although it ran the input model; ``detail`` is its message."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class UnloweredOps(RuntimeError):
+    """The ONNX output of a torch model still holds ATen ops that onnxruntime cannot run."""
+
+
+@dataclass
+class Verification:
+    """Numeric verification outcome.
+
+    Attributes:
+        status: ``"passed"``, ``"failed"``, ``"skipped"`` (could not run; ``reason`` says why) or ``"off"``.
+        reason: why skipped (or, for torch, why failed without per-output numbers).
+        outputs: per-output agreement (max abs, max rel, cosine) against the input model.
+        atol, rtol: the tolerance applied (an output passes when max abs <= atol or max rel <= rtol).
+        inputs: input name → shape used.
+        blame: the first diverging rule when ``status == "failed"`` (ONNX input).
+        generated: the inputs were generated (not given by the caller).
+    """
+
+    status: str
+    reason: str = ""
+    outputs: list[OutputAgreement] = field(default_factory=list)
+    atol: float = 0.0
+    rtol: float = 0.0
+    inputs: dict[str, tuple] = field(default_factory=dict)
+    blame: Blame | None = None
+    generated: bool = True
+
+
+def one_line(e: BaseException) -> str:
+    """The message on one line (checker messages spread the node over several), at most 400 characters."""
+    s = " ".join(str(e).split())
+    return (s or type(e).__name__)[:400]
+
+
+def to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def default_dim_sizes(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None = None) -> tuple[dict, int]:
+    """(named dim → size, size for unnamed dims) for generated inputs.
+
+    Named symbolic dims seen at axis 0 get :data:`BATCH_DIM`, others :data:`OTHER_DIM`;
+    ``dim_sizes`` overrides. Unnamed unknown dims get BATCH_DIM when they only occur at
+    axis 0, else OTHER_DIM.
+    """
+    given = dim_sizes or {}
+    sizes = dict(given)
+    unnamed_axes = set()
+    inits = {t.name for t in proto.graph.initializer}
+    for vi in proto.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if d.dim_param:
+                want = BATCH_DIM if axis == 0 else OTHER_DIM
+                if d.dim_param not in given:
+                    sizes[d.dim_param] = min(sizes.get(d.dim_param, want), want)
+            else:
+                unnamed_axes.add(axis)
+    return sizes, BATCH_DIM if unnamed_axes <= {0} else OTHER_DIM
+
+
+def make_feeds(proto: onnx.ModelProto, example_inputs=None, dim_sizes: dict[str, int] | None = None,
+               seed: int = 0) -> dict[str, np.ndarray]:
+    """Graph-input name → array: the caller's ``example_inputs`` (a dict, or a sequence in
+    graph-input order; numpy or torch), else seeded random inputs (:func:`numeric.make_inputs`).
+
+    Raises:
+        ValueError: example inputs that do not fit the graph inputs, or an input type
+            random inputs cannot be made for.
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    names = [vi.name for vi in proto.graph.input if vi.name not in inits]
+    if example_inputs is None:
+        sizes, default = default_dim_sizes(proto, dim_sizes)
+        return numeric.make_inputs(proto, seed=seed, dim_sizes=sizes, default_dim=default)
+    if isinstance(example_inputs, dict):
+        missing = [n for n in names if n not in example_inputs]
+        if missing:
+            raise ValueError(f"example_inputs lacks graph input(s) {missing}; the model's inputs are {names}")
+        return {n: to_numpy(example_inputs[n]) for n in names}
+    seq = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if len(seq) != len(names):
+        raise ValueError(f"{len(seq)} example input(s) given, the model has {len(names)}: {names}")
+    return {n: to_numpy(x) for n, x in zip(names, seq)}
+
+
+@contextlib.contextmanager
+def _runnable(proto: onnx.ModelProto, data: bytes | None):
+    """What onnxruntime loads: the bytes, or (over 2 GiB) a temporary file with external data."""
+    if data is not None:
+        yield data
+        return
+    with tempfile.TemporaryDirectory(prefix="graft-verify-") as d:
+        path = os.path.join(d, "model.onnx")
+        onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
+        yield path
+
+
+def verify_onnx(ref_proto: onnx.ModelProto, ref_src, out_proto: onnx.ModelProto, out_bytes: bytes | None, model,
+                example_inputs=None, dim_sizes=None, seed: int = 0, rewrites=(), *, atol: float = 1e-4,
+                rtol: float = 0.0) -> Verification:
+    """Compare ``out_proto`` with the input model in onnxruntime; on disagreement, find the blame.
+
+    Args:
+        ref_proto / ref_src: the input model, and what onnxruntime loads for it (a path, bytes or the proto).
+        out_proto / out_bytes: the compiled model and its serialization (None over 2 GiB).
+        model: the compiled IR model (provenance for blame).
+        rewrites: the pipeline's rewrite log (:class:`compiler.passes.RewriteRecord`).
+
+    Raises:
+        ValueError: ``example_inputs`` that do not fit the model.
+        OutputDoesNotRun: the input model runs, the compiled one does not.
+    """
+    v = Verification("skipped", atol=atol, rtol=rtol, generated=example_inputs is None)
+    if example_inputs is not None:
+        feeds = make_feeds(ref_proto, example_inputs)  # the caller's inputs: errors are theirs
+    else:
+        try:
+            feeds = make_feeds(ref_proto, None, dim_sizes, seed)
+        except ValueError as e:
+            v.reason = f"cannot generate inputs: {one_line(e)}"
+            return v
+    v.inputs = {k: tuple(a.shape) for k, a in feeds.items()}
+    try:
+        sess = numeric._session(ref_src)
+    except Exception as e:  # noqa: BLE001 — ORT raises several types; the input model is the one at fault
+        v.reason = f"onnxruntime cannot load the input model: {one_line(e)}"
+        return v
+    try:
+        names = [o.name for o in sess.get_outputs()]
+        ref_out = dict(zip(names, sess.run(names, feeds)))
+    except Exception as e:  # noqa: BLE001
+        shapes = ", ".join(f"{k}{list(s)}" for k, s in v.inputs.items())
+        kind = "generated" if v.generated else "the given"
+        v.reason = (f"onnxruntime cannot run the input model on {kind} inputs {shapes}: {one_line(e)} "
+                    f"(set symbolic dim sizes with --dim name=size / dim_sizes, or pass example inputs)")
+        return v
+    del sess
+    try:
+        with _runnable(out_proto, out_bytes) as src:
+            out = numeric.run(src, feeds)
+    except Exception as e:  # noqa: BLE001
+        raise OutputDoesNotRun(one_line(e)) from None
+    v.outputs = [numeric.agreement(ref_out[name], out.get(name, np.array(np.nan)), name) for name in ref_out]
+    if all(o.within(atol, rtol) for o in v.outputs):
+        v.status = "passed"
+        return v
+    v.status = "failed"
+    v.blame = find_blame(ref_proto, model, out_proto, feeds, rewrites, atol=max(atol, 1e-6))
+    return v
+
+
+def verify_torch(module, example_inputs, compiled_module, out_proto, model, *, atol: float = 1e-4,
+                 rtol: float = 0.0) -> Verification:
+    """Eager ``module`` against ``compiled_module`` (target torch) or ``out_proto`` in onnxruntime.
+
+    Raises:
+        UnloweredOps: the ONNX output still has ATen-domain nodes.
+        OutputDoesNotRun: onnxruntime rejects the ONNX output.
+    """
+    import torch
+
+    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    v = Verification("skipped", atol=atol, rtol=rtol, generated=False,
+                     inputs={f"arg{i}": tuple(a.shape) for i, a in enumerate(args) if hasattr(a, "shape")})
+    with torch.no_grad():
+        ref = _flatten(module(*args))
+        if compiled_module is not None:
+            got = _flatten(compiled_module(*args))
+        else:
+            aten = sorted({n.op_type for n in model.all_nodes() if n.domain == "aten"})
+            if aten:
+                raise UnloweredOps(f"{len(aten)} ATen op type(s) have no ONNX lowering ({', '.join(aten[:5])}); "
+                                   f"the ONNX output cannot run them (use target='torch', or add lowering rules)")
+            inits = {t.name for t in out_proto.graph.initializer}
+            names = [vi.name for vi in out_proto.graph.input if vi.name not in inits]
+            try:
+                got = list(numeric.run(out_proto, {n: to_numpy(a) for n, a in zip(names, args)}).values())
+            except Exception as e:  # noqa: BLE001
+                raise OutputDoesNotRun(one_line(e)) from None
+    v.outputs = [numeric.agreement(to_numpy(a), to_numpy(b), f"output{i}") for i, (a, b) in enumerate(zip(ref, got))]
+    if len(ref) != len(got):
+        v.status, v.reason = "failed", f"the torch model returns {len(ref)} outputs, the compiled one {len(got)}"
+        return v
+    v.status = "passed" if all(o.within(atol, rtol) for o in v.outputs) else "failed"
+    return v
+
+
+def _flatten(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [y for x in out for y in _flatten(x)]
+    if isinstance(out, dict):
+        return [y for x in out.values() for y in _flatten(x)]
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return _flatten(out.to_tuple())
+    return [out]

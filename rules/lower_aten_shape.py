@@ -1,0 +1,294 @@
+"""Lower ATen shape, indexing and symbolic-size ops to ONNX (opset 18).
+
+- ``view``/``reshape``: Reshape (torch never means "copy this dim" by 0, so a static 0 sets
+  ``allowzero=1``); ``flatten(x, s, e)``: Reshape to ``[0]*s + [-1] + x.shape[e+1:]`` (0 copies
+  the input dim in ONNX Reshape).
+- ``permute``/``transpose``/``t``: Transpose; ``expand(x, size)``: Expand with -1 → 1 (ONNX
+  Expand broadcasts, so 1 keeps the input's dim); ``repeat``: Tile (after Unsqueeze when
+  ``repeats`` is longer than the rank).
+- ``squeeze``: Squeeze of the dims the captured shapes show were squeezed (torch skips non-1 dims,
+  ONNX would fail); ``unsqueeze``: Unsqueeze.
+- ``cat``: Concat; ``stack``: Unsqueeze + Concat; ``split``/``split_with_sizes``/``chunk``: Split
+  with the captured sizes of each piece; ``unbind``: Split + Squeeze.
+- ``slice(x, d, start, end, step)``: Slice (``None`` bounds are 0 / INT64_MAX);
+  ``select(x, d, i)``: Gather with a 0-d index (drops dim d); ``index_select``: Gather;
+  ``gather``: GatherElements; ``index(x, [i0, i1, ...])`` (advanced indexing, integer indices):
+  one index → Gather; several → broadcast, stack on a new last axis, GatherND, with the
+  broadcast dims placed where torch puts them (first, or at the first indexed dim when the
+  indexed dims are adjacent — NumPy's advanced-indexing rule).
+- ``sym_size(x, d)``: Gather(Shape(x), d), a 0-d int64; ``sym_numel``: Size.
+- ``constant_pad_nd(x, pad, v)``: Pad (torch lists pads last axis first);
+  ``upsample_nearest*``: Resize(nearest, asymmetric, floor) = torch's "nearest";
+  ``upsample_bilinear2d``: Resize(linear, align_corners or pytorch_half_pixel);
+  ``pixel_shuffle``: DepthToSpace(CRD).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ir import DataType, Value
+from rules.lower_aten_nn import _only_first_output, passthrough
+from rules.lower_aten_util import (INT64_MAX, axis, cast, const, ints, lowering, one_d, out_dtype, rank, refuse,
+                                   scalar, static_dim)
+
+
+def view(op, a, n):
+    """view/reshape(x, size) -> Reshape."""
+    x, size = a["self"], a.get("size", a.get("shape"))
+    if isinstance(size, Value):
+        return op.Reshape(x, size)
+    if 0 in size:
+        if -1 in size:
+            refuse("a zero-size dim together with -1")
+        return op.Reshape(x, ints(op, size), allowzero=1)
+    return op.Reshape(x, ints(op, size))
+
+
+def flatten(op, a, n):
+    """flatten(x, start_dim, end_dim) -> Reshape."""
+    x = a["self"]
+    r = rank(x)
+    if r == 0:
+        return op.Reshape(x, ints(op, [1]))
+    s, e = axis(a["start_dim"], r), axis(a["end_dim"], r)
+    if s == e:
+        return passthrough(op, x, n)
+    tail = list(x.shape[e + 1:])
+    if all(isinstance(d, int) for d in tail):
+        return op.Reshape(x, ints(op, [0] * s + [-1] + tail))
+    return op.Reshape(x, op.Concat(ints(op, [0] * s + [-1]), op.Shape(x, start=e + 1), axis=0))
+
+
+def permute(op, a, n):
+    """permute(x, dims) -> Transpose."""
+    x = a["self"]
+    r = rank(x)
+    return op.Transpose(x, perm=[axis(d, r) for d in a["dims"]])
+
+
+def transpose(op, a, n):
+    """transpose(x, d0, d1) / t(x) -> Transpose."""
+    x = a["self"]
+    r = rank(x)
+    if r < 2:
+        return passthrough(op, x, n)
+    d0, d1 = (axis(a["dim0"], r), axis(a["dim1"], r)) if "dim0" in a else (0, 1)
+    perm = list(range(r))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return op.Transpose(x, perm=perm)
+
+
+def expand(op, a, n):
+    """expand(x, size) -> Expand (-1 → 1, broadcasting keeps x's dim)."""
+    x, size = a["self"], a["size"]
+    if isinstance(size, Value):
+        one = const(op, np.array(1), DataType.INT64)
+        size = op.Where(op.Less(size, const(op, np.array(0), DataType.INT64)), one, size)
+        return op.Expand(x, size)
+    return op.Expand(x, ints(op, [1 if s == -1 else s for s in size]))
+
+
+def repeat(op, a, n):
+    """repeat(x, repeats) -> Tile."""
+    x, reps = a["self"], a["repeats"]
+    if isinstance(reps, Value):
+        refuse("repeats known only at run time")
+    extra = len(reps) - rank(x)
+    if extra > 0:
+        x = op.Unsqueeze(x, ints(op, list(range(extra))))
+    return op.Tile(x, ints(op, reps))
+
+
+def squeeze(op, a, n):
+    """squeeze(x[, dims]) -> Squeeze of the dims that were squeezed."""
+    x = a["self"]
+    r, r_out = rank(x), rank(n.outputs[0])
+    if r == r_out:
+        return passthrough(op, x, n)
+    dims = a.get("dim")
+    if dims is None:
+        dims = list(range(r))
+    elif isinstance(dims, int):
+        dims = [dims]
+    dims = sorted({axis(d, r) for d in dims})
+    if len(dims) != r - r_out:
+        dims = [d for d in dims if x.shape[d] == 1]
+    if len(dims) != r - r_out:
+        refuse("cannot tell which dims were squeezed")
+    return op.Squeeze(x, ints(op, dims))
+
+
+def unsqueeze(op, a, n):
+    """unsqueeze(x, d) -> Unsqueeze."""
+    x = a["self"]
+    return op.Unsqueeze(x, ints(op, [axis(a["dim"], rank(x) + 1)]))
+
+
+def cat(op, a, n):
+    """cat(tensors, dim) -> Concat (legacy empty 1-D inputs dropped)."""
+    dt = out_dtype(n)
+    r = rank(n.outputs[0])
+    ts = [cast(op, t, dt) for t in a["tensors"] if not (t.shape == (0,) and r != 1)]
+    return op.Concat(*ts, axis=axis(a["dim"], r))
+
+
+def stack(op, a, n):
+    """stack(tensors, dim) -> Unsqueeze each + Concat."""
+    dt = out_dtype(n)
+    d = axis(a["dim"], rank(n.outputs[0]))
+    return op.Concat(*[op.Unsqueeze(cast(op, t, dt), ints(op, [d])) for t in a["tensors"]], axis=d)
+
+
+def split(op, a, n):
+    """split/split_with_sizes/chunk/unbind -> Split with the captured piece sizes."""
+    x = a["self"]
+    r = rank(x)
+    d = axis(a.get("dim", 0), r)
+    unbind = n.op_type.startswith("unbind")
+    sizes = [1] * len(n.outputs) if unbind else []
+    if not unbind:
+        for o in n.outputs:
+            if o.shape is None or not isinstance(o.shape[d], int):
+                refuse("piece sizes known only at run time")
+            sizes.append(o.shape[d])
+    pieces = op.Split(x, ints(op, sizes), axis=d, _outputs=len(sizes))
+    pieces = pieces if isinstance(pieces, tuple) else (pieces,)
+    if unbind:
+        pieces = tuple(op.Squeeze(p, ints(op, [d])) for p in pieces)
+    return pieces
+
+
+def slice_(op, a, n):
+    """slice(x, dim, start, end, step) -> Slice."""
+    x = a["self"]
+    start = a["start"] if a["start"] is not None else 0
+    end = a["end"] if a["end"] is not None else INT64_MAX
+    step = a["step"] if a["step"] is not None else 1
+    if isinstance(step, Value):
+        refuse("slice step known only at run time")
+    if start == 0 and isinstance(end, int) and end >= INT64_MAX and step == 1:
+        return passthrough(op, x, n)
+    return op.Slice(x, one_d(op, start), one_d(op, end), ints(op, [a["dim"]]), ints(op, [step]))
+
+
+def select(op, a, n):
+    """select(x, dim, index) -> Gather with a 0-d index."""
+    return op.Gather(a["self"], scalar(op, a["index"]), axis=a["dim"])
+
+
+def index_select(op, a, n):
+    """index_select(x, dim, index) -> Gather."""
+    return op.Gather(a["self"], cast(op, a["index"], DataType.INT64), axis=a["dim"])
+
+
+def gather(op, a, n):
+    """gather(x, dim, index) -> GatherElements."""
+    return op.GatherElements(a["self"], cast(op, a["index"], DataType.INT64), axis=a["dim"])
+
+
+def index(op, a, n):
+    """index(x, [i0, None, i2, ...]) with integer index tensors -> Gather / GatherND."""
+    x, idx = a["self"], a["indices"]
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    if any(idx[i].dtype in (DataType.BOOL, DataType.UINT8) for i in pos):
+        refuse("boolean-mask indexing (data-dependent output shape)")
+    if len(pos) == 1:
+        return op.Gather(x, cast(op, idx[pos[0]], DataType.INT64), axis=pos[0])
+    r = rank(x)
+    ins = [cast(op, idx[i], DataType.INT64) for i in pos]
+    total = ins[0]
+    for t in ins[1:]:
+        total = op.Add(total, t)  # the broadcast shape of all indices
+    shape = op.Shape(total)
+    stacked = op.Concat(*[op.Unsqueeze(op.Expand(t, shape), ints(op, [-1])) for t in ins], axis=-1)
+    rest = [i for i in range(r) if i not in pos]
+    if pos != list(range(len(pos))):
+        x = op.Transpose(x, perm=pos + rest)
+    y = op.GatherND(x, stacked)
+    adjacent = pos == list(range(pos[0], pos[0] + len(pos)))
+    if adjacent and pos[0] > 0:
+        b = max(rank(idx[i]) for i in pos)  # broadcast rank
+        lead = pos[0]
+        perm = list(range(b, b + lead)) + list(range(b)) + list(range(b + lead, b + len(rest)))
+        y = op.Transpose(y, perm=perm)
+    return y
+
+
+def sym_size(op, a, n):
+    """sym_size(x, d) -> Gather(Shape(x), d): a 0-d int64."""
+    return op.Gather(op.Shape(a["self"]), const(op, np.array(a["dim"]), DataType.INT64), axis=0)
+
+
+def sym_numel(op, a, n):
+    """sym_numel(x) -> Size(x)."""
+    return op.Size(a["self"])
+
+
+def constant_pad(op, a, n):
+    """constant_pad_nd(x, pad, value) -> Pad(constant)."""
+    x, pad = a["self"], a["pad"]
+    if isinstance(pad, Value):
+        refuse("pads known only at run time")
+    r = rank(x)
+    begins, ends = [0] * r, [0] * r
+    for i in range(len(pad) // 2):
+        begins[r - 1 - i], ends[r - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    value = const(op, np.array(a.get("value", 0) or 0), x.dtype)
+    return op.Pad(x, ints(op, begins + ends), value, mode="constant")
+
+
+def upsample(op, a, n):
+    """upsample_nearest*/upsample_bilinear2d(x, output_size, ...) -> Resize with the captured output size."""
+    x = a["input"] if "input" in a else a["self"]
+    out = n.outputs[0]
+    if out.shape is None:
+        refuse("output size unknown")
+    if all(isinstance(d, int) for d in out.shape):
+        sizes = ints(op, list(out.shape))
+    else:
+        k = len(out.shape) - 2
+        osz = a.get("output_size")
+        if not isinstance(osz, list) or not all(isinstance(d, int) for d in osz):
+            refuse("output size known only at run time")
+        sizes = op.Concat(op.Shape(x, start=0, end=2), ints(op, osz[-k:]), axis=0)
+    if "nearest" in n.op_type:
+        return op.Resize(x, None, None, sizes, mode="nearest", coordinate_transformation_mode="asymmetric",
+                         nearest_mode="floor")
+    ctm = "align_corners" if a.get("align_corners") else "pytorch_half_pixel"
+    return op.Resize(x, None, None, sizes, mode="linear", coordinate_transformation_mode=ctm)
+
+
+def pixel_shuffle(op, a, n):
+    """pixel_shuffle(x, r) -> DepthToSpace(blocksize=r, mode=CRD)."""
+    return op.DepthToSpace(a["self"], blocksize=a["upscale_factor"], mode="CRD")
+
+
+def unused_first_only(op, a, n):  # pragma: no cover - keeps the helper import used
+    _only_first_output(n, "")
+
+
+RULES = [
+    *lowering(["view.default", "reshape.default", "_unsafe_view.default"], view),
+    *lowering("flatten.using_ints", flatten),
+    *lowering("permute.default", permute),
+    *lowering(["transpose.int", "t.default"], transpose),
+    *lowering("expand.default", expand),
+    *lowering("repeat.default", repeat),
+    *lowering(["squeeze.dim", "squeeze.dims", "squeeze.default"], squeeze),
+    *lowering("unsqueeze.default", unsqueeze),
+    *lowering("cat.default", cat),
+    *lowering("stack.default", stack),
+    *lowering(["split.Tensor", "split_with_sizes.default", "chunk.default", "unbind.int",
+               "unsafe_split.Tensor"], split),
+    *lowering("slice.Tensor", slice_),
+    *lowering("select.int", select),
+    *lowering("index_select.default", index_select),
+    *lowering("gather.default", gather),
+    *lowering("index.Tensor", index),
+    *lowering("sym_size.int", sym_size),
+    *lowering("sym_numel.default", sym_numel),
+    *lowering("constant_pad_nd.default", constant_pad),
+    *lowering(["upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
+               "upsample_nearest2d.default", "upsample_bilinear2d.vec", "upsample_bilinear2d.default"], upsample),
+    *lowering("pixel_shuffle.default", pixel_shuffle),
+]
