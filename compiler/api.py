@@ -135,10 +135,16 @@ class CompileResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the ONNX output atomically (temporary file, then rename; nothing left on failure).
+        A ``torch`` target is written with ``torch.save`` (load it with ``ir.torch_backend.load_module``).
 
         Raises:
-            CompileError: the target is not ``onnx``.
+            CompileError: there is no output to save.
         """
+        if self.module is not None and self.proto is None:
+            from ir.torch_backend import save_module
+
+            save_module(self.module, path)
+            return
         if self.proto is None:
             raise CompileError(f"{path}: this compile targeted {self.target!r}; only an ONNX result can be "
                                f"saved as .onnx (use target='onnx')")
@@ -156,7 +162,8 @@ class CompileResult:
 # --------------------------------------------------------------------------- loading
 def _is_torch_module(obj) -> bool:
     torch = sys.modules.get("torch")  # a torch module cannot exist unless torch is imported
-    return torch is not None and isinstance(obj, torch.nn.Module)
+    return torch is not None and (isinstance(obj, torch.nn.Module) or
+                                  isinstance(obj, torch.export.ExportedProgram))
 
 
 def _torch_entry(name: str):
@@ -192,12 +199,14 @@ def _load(model_or_path, example_inputs):
         proto = ir.to_onnx(model_or_path)  # compile a copy: the caller's model is not edited
         return "ir.Model", proto, proto, _from_proto(proto, "input model"), None
     if _is_torch_module(model_or_path):
-        if example_inputs is None:
-            raise CompileError("compiling a torch model needs example_inputs (a tuple of tensors) to capture it")
-        args = example_inputs if isinstance(example_inputs, tuple) else tuple(example_inputs) \
-            if isinstance(example_inputs, list) else (example_inputs,)
-        model = _torch_entry("from_torch")(model_or_path, args)
-        return type(model_or_path).__name__, None, None, model, model_or_path
+        import torch
+
+        if example_inputs is None and not isinstance(model_or_path, torch.export.ExportedProgram):
+            raise CompileError("compiling a torch model needs example_inputs (a tensor, a tuple of tensors, or a "
+                               "dict of keyword inputs) to capture it")
+        model = _torch_entry("from_torch")(model_or_path, example_inputs)
+        ref = model_or_path.module() if isinstance(model_or_path, torch.export.ExportedProgram) else model_or_path
+        return type(model_or_path).__name__, None, None, model, ref
     raise TypeError(f"compile() takes a path, zoo name, onnx.ModelProto, ir.Model or torch.nn.Module, "
                     f"got {type(model_or_path).__name__}")
 
@@ -290,6 +299,11 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     source, ref_proto, ref_src, model, torch_module = _load(model_or_path, example_inputs)
     timings["load"] = time.perf_counter() - t
     before = model_stats(model)
+    if torch_module is not None:
+        # ATen → ONNX lowering is a rule set too: it runs first, so the pipeline's ONNX rules see ONNX ops
+        from rules.lower_aten_pipeline import lower_aten
+
+        pipe = Pipeline(pipe.name, [lower_aten(), *pipe.passes], doc=pipe.doc)
 
     t = time.perf_counter()
     pres = pipe(model)
@@ -298,6 +312,13 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
 
     result = CompileResult(model, None, None, target, source, pipe.name, stats.counts, stats.stop_reasons,
                            stats.passes, before, model_stats(model), Verification("off"), timings)
+    if target == "onnx":
+        from ir.torch_aten import UnloweredOpError, check_lowered
+
+        try:
+            check_lowered(model)
+        except UnloweredOpError as e:
+            raise CompileError(str(e), result) from None
     t = time.perf_counter()
     out_proto, out_bytes = _check_structure(model, result, ref_proto, ref_src)
     timings["check"] = time.perf_counter() - t

@@ -73,7 +73,9 @@ class Matcher:
     # -- internals ------------------------------------------------------------
     def _miss(self, reason: str, node: Node | None, b: dict) -> None:
         depth = len(b["__nodes__"])
-        if self.best_miss is None or depth >= self.best_miss.depth:
+        # strictly deeper wins: at equal depth the first attempt (the pattern's own input
+        # order, before any commutative swap) gives the more useful reason
+        if self.best_miss is None or depth > self.best_miss.depth:
             self.best_miss = Miss(reason, node, depth)
 
     def _first(self, pn: PatternNode, node: Node, b0: dict) -> dict | None:

@@ -46,7 +46,7 @@ class PassRecord:
 
     Attributes:
         name: path of the pass inside its pipelines, e.g. ``optimize/cleanup/cleanup_rules``.
-        kind: ``"rewrite"`` or ``"function"``.
+        kind: ``"rewrite"``, ``"function"``, or ``"custom"`` (a Pass subclass that keeps no records).
         seconds: wall time.
         changes: rewrites (RewritePass) or the count the function returned (FunctionPass).
         modified: whether the model changed.
@@ -223,14 +223,21 @@ class Pipeline(Pass):
         for p in self.passes:
             seen[p.name] += 1
             label = p.name if seen[p.name] == 1 else f"{p.name}#{seen[p.name]}"
+            t0 = time.perf_counter()
             r = p(model)
+            if not isinstance(r, PassResult):
+                raise TypeError(f"pass {p.name!r} returned {type(r).__name__}, not a PassResult")
             modified |= r.modified
+            if not r.stats.passes:  # a custom Pass that keeps no records: time it here
+                r.stats.passes.append(PassRecord(p.name, "custom", time.perf_counter() - t0, 0, r.modified))
             if label != p.name:
                 # records start with the stage's own name: keep repeated stages apart
                 for rec in r.stats.passes:
-                    rec.name = label + rec.name[len(p.name):]
+                    if rec.name.startswith(p.name):
+                        rec.name = label + rec.name[len(p.name):]
                 for rw in r.stats.rewrites:
-                    rw.pass_name = label + rw.pass_name[len(p.name):]
+                    if rw.pass_name.startswith(p.name):
+                        rw.pass_name = label + rw.pass_name[len(p.name):]
             stats.extend(r.stats, self.name)
         return PassResult(model, modified, stats)
 

@@ -41,7 +41,7 @@ def build(result) -> Group:
     parts.append(head)
 
     rules = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    rules.add_column("rule")
+    rules.add_column("rule", no_wrap=True)
     rules.add_column("fired", justify="right")
     for name, n in sorted(result.counts.items(), key=lambda kv: (-kv[1], kv[0])):
         rules.add_row(name, str(n))
@@ -57,9 +57,9 @@ def build(result) -> Group:
     size.add_row("parameters", f"{b.parameters:,}", f"{a.parameters:,}", _delta(b.parameters, a.parameters))
     size.add_row("bytes", _bytes(b.bytes), _bytes(a.bytes), _delta(b.bytes, a.bytes))
 
-    top = Table.grid(padding=(0, 4))
-    top.add_row(rules, size)
-    parts.append(top)
+    # stacked, not side by side: long rule names must never be truncated in a narrow terminal
+    parts.append(rules)
+    parts.append(size)
     if limited:
         parts.append(Text(f"iteration limit reached in: {', '.join(limited)} (the graph is valid but may "
                           f"not be fully rewritten)", style="yellow"))

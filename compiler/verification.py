@@ -204,13 +204,16 @@ def verify_torch(module, example_inputs, compiled_module, out_proto, model, *, a
     """
     import torch
 
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    # a dict is keyword inputs (transformers models), anything else positional inputs
+    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
+    args = () if kwargs else example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    named = kwargs or {f"arg{i}": a for i, a in enumerate(args)}
     v = Verification("skipped", atol=atol, rtol=rtol, generated=False,
-                     inputs={f"arg{i}": tuple(a.shape) for i, a in enumerate(args) if hasattr(a, "shape")})
+                     inputs={k: tuple(a.shape) for k, a in named.items() if hasattr(a, "shape")})
     with torch.no_grad():
-        ref = _flatten(module(*args))
+        ref = _flatten(module(*args, **kwargs))
         if compiled_module is not None:
-            got = _flatten(compiled_module(*args))
+            got = _flatten(compiled_module(*args, **kwargs))
         else:
             aten = sorted({n.op_type for n in model.all_nodes() if n.domain == "aten"})
             if aten:
@@ -219,7 +222,9 @@ def verify_torch(module, example_inputs, compiled_module, out_proto, model, *, a
             inits = {t.name for t in out_proto.graph.initializer}
             names = [vi.name for vi in out_proto.graph.input if vi.name not in inits]
             try:
-                got = list(numeric.run(out_proto, {n: to_numpy(a) for n, a in zip(names, args)}).values())
+                feeds = {n: to_numpy(kwargs[n]) for n in names if n in kwargs} if kwargs else \
+                    {n: to_numpy(a) for n, a in zip(names, args)}
+                got = list(numeric.run(out_proto, feeds).values())
             except Exception as e:  # noqa: BLE001
                 raise OutputDoesNotRun(one_line(e)) from None
     v.outputs = [numeric.agreement(to_numpy(a), to_numpy(b), f"output{i}") for i, (a, b) in enumerate(zip(ref, got))]

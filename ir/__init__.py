@@ -5,7 +5,7 @@ Public API:
     load(path), save(model, path), from_onnx(proto), to_onnx(model) — ONNX in and out.
     verify(model) — structural checks (topological order, dangling values, arity).
     print_graph(graph) — stable one-line-per-node text.
-    to_networkx(graph) — a networkx.DiGraph view.
+    to_networkx(graph) — a networkx.MultiDiGraph view.
     from_torch / to_torch — torch frontend/backend (imported lazily; need torch).
 """
 from ir._core import Graph, IRError, Model, Node, Tensor, Value

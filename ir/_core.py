@@ -453,7 +453,10 @@ class Graph:
         if check_uses:
             for o in node.outputs:
                 if o._uses or o in self._output_set:
-                    users = ", ".join(repr(u.name) for u in o.users()) or "graph output"
+                    users = [f"{u.op_type} node {u.name!r}" for u in o.users()]
+                    if o in self._output_set:
+                        users.append("graph output")
+                    users = ", ".join(users)
                     raise IRError(f"cannot remove {node.op_type} node {node.name!r}: its output "
                                   f"{o.name!r} is still used by {users}")
         node._drop_inputs()

@@ -577,7 +577,11 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
     """Write ``proto`` to ``path`` atomically: to a temporary file, then rename.
 
     Models over 2 GiB (or with ``external_data=True``) go out with their tensors
-    in ``<name>.data`` beside the file. Nothing is left at ``path`` if writing fails.
+    in ``<name>.data`` beside the file (tensors under 1 KiB stay inline; no data
+    file when none is larger). Nothing is left at ``path`` if writing fails.
+    With external data, ``proto`` itself is changed: the moved tensors point at
+    the data file and hold no bytes (as with ``onnx.save_model``); :func:`save`
+    passes a fresh proto, so IR models are unaffected.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,14 @@ one tensor for a one-output graph, else a tuple in graph-output order.
 from __future__ import annotations
 
 import keyword
+import math
 import re
 
 import numpy as np
+import torch
+import torch.fx
+
+from ir import torch_ops, torch_ops_nn
 
 from ir._core import Model, Node, Tensor, Value
 from ir.dtypes import DataType
@@ -45,24 +50,24 @@ def _ident(name: str) -> str:
     return s
 
 
-def _to_torch_tensor(v: Value):
-    import torch
-
-    arr = v.const.array
-    if v.dtype == DataType.BFLOAT16:
+def _to_torch_tensor(t: Tensor):
+    arr = t.array
+    if t.dtype == DataType.BFLOAT16:
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16).copy()).view(torch.bfloat16)
-    if v.dtype in (DataType.FLOAT8E4M3FN, DataType.FLOAT8E5M2):
-        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).copy())
-        return t.view(torch.float8_e4m3fn if v.dtype == DataType.FLOAT8E4M3FN else torch.float8_e5m2)
+    if t.dtype in (DataType.FLOAT8E4M3FN, DataType.FLOAT8E5M2):
+        raw = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).copy())
+        return raw.view(torch.float8_e4m3fn if t.dtype == DataType.FLOAT8E4M3FN else torch.float8_e5m2)
     return torch.from_numpy(np.array(arr, copy=True))
 
 
-def is_trainable(v: Value) -> bool:
-    """Whether initializer ``v`` becomes an ``nn.Parameter`` (see the module doc)."""
+def is_trainable(v: Value, tensor: Tensor | None = None) -> bool:
+    """Whether constant ``v`` (an initializer, or a Constant node's output holding ``tensor``)
+    becomes an ``nn.Parameter`` (see the module doc)."""
+    t = tensor if tensor is not None else v.const
     kind = v.meta.get("torch.kind")
     if kind is not None:
-        return kind == "parameter" and v.dtype is not None and v.dtype.is_float
-    if v.dtype is None or not v.dtype.is_float or v.const is None or v.const.size <= 1:
+        return kind == "parameter" and t.dtype.is_float
+    if t is None or not t.dtype.is_float or t.size <= 1:
         return False
     return not any((n.op_type, i) in _FROZEN_SLOTS for n, i in v.uses() if n.domain in ("", "ai.onnx"))
 
@@ -121,11 +126,12 @@ class _Builder:
             mod = sub
         return not hasattr(mod, segs[-1])
 
-    def _get_attr(self, v: Value):
+    def _get_attr(self, v: Value, tensor: Tensor | None = None):
         node = self.attr_nodes.get(v)
         if node is None:
             name = v.meta.get("torch.fqn", v.name)
-            path = self._register(name, _to_torch_tensor(v), is_trainable(v))
+            t = tensor if tensor is not None else v.const
+            path = self._register(name, _to_torch_tensor(t), is_trainable(v, t))
             node = self.fx.get_attr(path)
             self.attr_nodes[v] = node
         return node
@@ -144,10 +150,9 @@ class _Builder:
     def onnx_node(self, n: Node, fn) -> None:
         if n.op_type == "Constant":
             t = n.attrs.get("value")
-            arr = t.array if t is not None else n.outputs[0].constant()
-            tmp = Value(n.outputs[0].name, const=Tensor(np.asarray(arr)))
-            tmp.meta["torch.kind"] = "constant"
-            self.env[n.outputs[0]] = self._get_attr(tmp)
+            if not isinstance(t, Tensor):
+                t = Tensor(np.asarray(n.outputs[0].constant()))
+            self.env[n.outputs[0]] = self._get_attr(n.outputs[0], t)
             return
         kwargs = {k: _attr_arg(v, n) for k, v in n.attrs.items()}
         if len(n.outputs) > 1 or n.op_type == "Split":
@@ -357,9 +362,52 @@ def to_torch(model: Model, *, class_name: str | None = None):
             b.onnx_node(n, lookup(n.op_type, b.opset))
     outs = [b.value(v) for v in g.outputs]
     b.fx.output(outs[0] if len(outs) == 1 else tuple(outs))
+    b.fx._tracer_cls = GraftTracer  # unpickling re-traces the code: keep graft's op functions opaque
     gm = torch.fx.GraphModule(b.root, b.fx, class_name=_ident(class_name or g.name or "GraftModule"))
     gm.graph.lint()
     gm.graft_input_names = [v.name for v in g.inputs if v in b.env]
     gm.graft_output_names = [v.name for v in g.outputs]
     gm.graft_state_names = dict(b.paths)
     return gm
+
+
+class GraftTracer(torch.fx.Tracer):
+    """The fx Tracer a saved GraphModule is re-traced with on load: it records calls to
+    :mod:`ir.torch_ops` functions as nodes instead of tracing into them."""
+
+    def __init__(self, autowrap_modules=(math, torch_ops, torch_ops_nn), autowrap_functions=(),
+                 param_shapes_constant=False):
+        super().__init__(autowrap_modules, autowrap_functions, param_shapes_constant)
+
+
+def save_module(module, path) -> None:
+    """Write a GraphModule from :func:`to_torch` with ``torch.save``, atomically (temporary file, then rename).
+
+    The file holds the generated code and the parameters; :func:`load_module` reads it back
+    (it needs graft importable, since the code calls :mod:`ir.torch_ops`).
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(module, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_module(path):
+    """Read a module written by :func:`save_module` (``torch.load(..., weights_only=False)``:
+    only load files you trust, as with any pickle)."""
+    import torch
+
+    return torch.load(path, weights_only=False)

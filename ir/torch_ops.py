@@ -419,7 +419,7 @@ def Gather(x, idx, *, axis=0):
     axis = _axis(axis, x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
 @onnx_op("GatherElements")

@@ -12,6 +12,7 @@ RULE_MODULES = (
     "rules.constant_folding",
     "rules.fold_batchnorm",
     "rules.fuse",
+    "rules.fuse_bias",
 )
 
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from ir import DataType, Value
-from rules.lower_aten_nn import _only_first_output, passthrough
+from rules.lower_aten_nn import passthrough
 from rules.lower_aten_util import (INT64_MAX, axis, cast, const, ints, lowering, one_d, out_dtype, rank, refuse,
-                                   scalar, static_dim)
+                                   scalar)
 
 
 def view(op, a, n):
@@ -261,10 +261,6 @@ def upsample(op, a, n):
 def pixel_shuffle(op, a, n):
     """pixel_shuffle(x, r) -> DepthToSpace(blocksize=r, mode=CRD)."""
     return op.DepthToSpace(a["self"], blocksize=a["upscale_factor"], mode="CRD")
-
-
-def unused_first_only(op, a, n):  # pragma: no cover - keeps the helper import used
-    _only_first_output(n, "")
 
 
 RULES = [

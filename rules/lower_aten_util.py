@@ -36,7 +36,8 @@ def refuse(reason: str):
 def slug(op_type: str) -> str:
     """``"conv2d.padding"`` → ``"conv2d_padding"``; ``.default`` and ``.Tensor``-style suffixes kept short."""
     name, _, ov = op_type.partition(".")
-    name = name.strip("_")
+    if name.startswith("__") and name.endswith("__"):
+        name = name.strip("_")
     return name if ov in ("default", "") else f"{name}_{ov.lower()}"
 
 
@@ -82,8 +83,12 @@ def _bind(fn: Callable):
 
 
 def inherit(op, node: Node) -> None:
-    """Give every node built so far the ATen node's module path, so reports read like the model."""
+    """Name the nodes built so far after the ATen node (``linear_3/Gemm``) and give them its
+    module path, so diffs and reports read like the user's model."""
+    graph = node.graph
     for n in op.nodes:
+        if graph is not None and "/" not in n.name:
+            n.name = graph.unique_name(f"{node.name}/{n.op_type}")
         for k in ("torch.module", "torch.module_type"):
             if k in node.meta and k not in n.meta:
                 n.meta[k] = node.meta[k]

@@ -33,17 +33,19 @@ def cleanup() -> Pipeline:
 
 def optimize() -> Pipeline:
     """cleanup → fold BatchNormalization → fuse ops → cleanup."""
-    from rules import fold_batchnorm, fuse
+    from rules import fold_batchnorm, fuse, fuse_bias
 
+    # bias Adds fold into Conv/ConvTranspose in the same pass, so a BN after them folds too
+    folds = RuleSet([*fuse_bias.RULES, *fold_batchnorm.RULES], name="fold_batchnorm")
     return Pipeline("optimize", [
         cleanup(),
-        RewritePass(RuleSet(fold_batchnorm.RULES, name="fold_batchnorm"), "fold_batchnorm"),
+        RewritePass(folds, "fold_batchnorm"),
         RewritePass(RuleSet(fuse.RULES, name="fuse"), "fuse"),
         cleanup(),
     ], doc="cleanup → fold BatchNormalization → fuse → cleanup")
 
 
-def with_user_rules(pipeline: str | Pipeline | None, rules: RuleSet | Iterable[Rule] | None,
+def with_user_rules(pipeline: str | Pipeline | None, rules: Rule | RuleSet | Iterable[Rule] | None,
                     name: str = "user_rules") -> Pipeline:
     """``pipeline`` (a name, a Pipeline, or None/"none" for nothing) followed by ``rules`` as one pass.
 
@@ -56,6 +58,8 @@ def with_user_rules(pipeline: str | Pipeline | None, rules: RuleSet | Iterable[R
     base = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     if rules is None:
         return base
+    if isinstance(rules, Rule):
+        rules = [rules]
     ruleset = rules if isinstance(rules, RuleSet) else RuleSet(list(rules), name=name)
     if len(ruleset) == 0:
         return base

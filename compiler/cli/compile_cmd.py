@@ -84,7 +84,7 @@ def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, .
     except RuleDefinitionError as e:
         fail(f"{e} (rename or drop one of the rules)")
     except RuleError as e:
-        fail(f"{model}: {e} (fix the rule or drop it from --rules); no output written")
+        fail(f"{model}: {e}; no output written (fix the rule, or leave it out)")
     except NumericMismatchError as e:
         if not quiet and e.result is not None:
             from compiler.report import render

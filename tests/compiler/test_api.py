@@ -265,8 +265,6 @@ def test_torch_module_to_torch_target():
         got = r.module(x)
         got = got[0] if isinstance(got, (tuple, list)) else got
         assert torch.allclose(got, net(x), atol=1e-4)
-    with pytest.raises(CompileError, match="only an ONNX result"):
-        r.save("net.onnx")
     with pytest.raises(CompileError, match="needs example_inputs"):
         compile(net)
 
@@ -284,3 +282,20 @@ def test_inputs_the_model_cannot_take_skip_verification_with_a_hint():
     assert "--dim" in r.verification.reason
     r = compile(proto, dim_sizes={"N": 6})
     assert r.verification.status == "passed" and r.verification.inputs == {"x": (6,)}
+
+
+def test_structural_blame_helpers():
+    from compiler import Rule, Var, op
+    from compiler.blame import rules_failing_checker, rules_in_message
+    from compiler.passes import RewritePass
+
+    x = Var("x")
+    # Relu has no attribute 'alpha': the node alone fails onnx.checker.check_node
+    bad = Rule("identity_to_bad_relu", op.Identity(x), lambda op, m: op.Relu(m[x], _name="bad_relu", alpha=1.0))
+    model = ir.from_onnx(conv_bn_model())
+    assert RewritePass([bad], "r")(model).stats.counts["identity_to_bad_relu"] == 1
+    proto = ir.to_onnx(model)
+    assert rules_failing_checker(model, proto) == [("identity_to_bad_relu", "bad_relu")]
+    assert rules_in_message(model, "Unrecognized attribute: alpha. Name: bad_relu OpType: Relu") == \
+        [("identity_to_bad_relu", "bad_relu")]
+    assert rules_in_message(model, "node bad_relu_2 is fine") == []  # whole names only

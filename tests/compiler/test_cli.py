@@ -121,6 +121,8 @@ def _bad_inputs(tmp_path: Path, small_path: Path) -> dict:
         "unknown pipeline": ([small_path, "--pipeline", "optimise"], "no pipeline named 'optimise'"),
         "bad dim": ([small_path, "--dim", "batch"], "--dim batch: expected NAME=SIZE"),
         "missing rule file": ([small_path, "--rules", tmp_path / "none.py"], "none.py: no such rule file"),
+        "same rule twice": ([small_path, "--rules", EXAMPLE_RULE, "--rules", EXAMPLE_RULE],
+                            "rule 'div_to_mul'"),
     }
 
 

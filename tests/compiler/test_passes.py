@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ir
-from compiler import Const, Rule, RuleError, RuleSet, StopReason, Var, op
+from compiler import Const, Rule, RuleDefinitionError, RuleError, RuleSet, StopReason, Var, op
 from compiler.passes import (FunctionPass, Pass, PassResult, Pipeline, RewritePass, get_pipeline, pipeline_doc,
                              pipeline_names, register_pipeline, unregister_pipeline)
 from compile_models import conv_bn_model
@@ -170,6 +170,9 @@ def test_with_user_rules_appends_a_pass():
     alone = with_user_rules("none", user)
     assert [q.name for q in alone.passes] == ["user_rules"]
     assert with_user_rules(None, None).passes == []
+    assert [len(q.ruleset) for q in with_user_rules(None, user[0]).passes] == [1]
+    with pytest.raises(RuleDefinitionError, match="defined twice"):
+        with_user_rules("none", [user[0], user[0]])
     proto = conv_bn_model()
     model = ir.from_onnx(proto)
     res = p(model)
@@ -221,3 +224,25 @@ def test_pass_base_requires_run():
     with pytest.raises(NotImplementedError, match="must implement run"):
         Nothing()(ir.from_onnx(parse_model(IDENTITY_CHAIN)))
     assert repr(Nothing()) == "Nothing('nothing')"
+
+
+def test_custom_pass_in_a_pipeline_is_timed_and_checked():
+    class Renamer(Pass):
+        name = "renamer"
+
+        def run(self, model):
+            model.graph.name = "renamed"
+            return PassResult(model, True)
+
+    class Broken(Pass):
+        name = "broken"
+
+        def run(self, model):
+            return model
+
+    model = ir.from_onnx(parse_model(IDENTITY_CHAIN))
+    res = Pipeline("p", [Renamer(), Renamer()])(model)
+    assert model.graph.name == "renamed" and res.modified
+    assert [(p.name, p.kind) for p in res.stats.passes] == [("p/renamer", "custom"), ("p/renamer#2", "custom")]
+    with pytest.raises(TypeError, match="not a PassResult"):
+        Pipeline("p", [Broken()])(model)

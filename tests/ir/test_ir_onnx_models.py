@@ -50,6 +50,28 @@ def test_opset_roundtrip_and_fold(opset):
     np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-5)
 
 
+def test_value_info_metadata_and_doc_strings_preserved():
+    proto = onnx.shape_inference.infer_shapes(ir_models.if_model())
+    assert len(proto.graph.value_info) >= 1
+    then_g = proto.graph.node[1].attribute[1].g
+    assert then_g.name == "then_branch" and len(then_g.value_info) == 1  # typed inside the branch too
+    onnx.helper.set_model_props(proto, {"author": "graft-tests", "note": "ünïcode"})
+    proto.doc_string = "model doc"
+    proto.graph.doc_string = "graph doc"
+    proto.graph.node[0].doc_string = "node doc"
+    e = proto.graph.node[0].metadata_props.add()
+    e.key, e.value = "origin", "hand-written"
+    e = proto.graph.metadata_props.add()
+    e.key, e.value = "stage", "test"
+    proto.graph.initializer[0].doc_string = "weights"
+    out = roundtrip(proto)
+    assert [(p.key, p.value) for p in out.metadata_props] == [("author", "graft-tests"), ("note", "ünïcode")]
+    assert [v.name for v in out.graph.value_info] == [v.name for v in proto.graph.value_info]
+    assert out.graph.node[0].metadata_props[0].value == "hand-written"
+    for cond in (True, False):
+        assert_bit_identical(proto, out, _if_feeds(cond))
+
+
 # --------------------------------------------------------------------------- subgraphs
 def _if_feeds(cond: bool):
     return {"x": np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32),

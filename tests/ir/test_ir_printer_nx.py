@@ -9,7 +9,6 @@ import pytest
 import ir
 import ir_models
 from conftest import parse_model, with_initializers
-from ir import Node, Value
 from ir.nx_view import to_networkx
 from ir.printer import print_graph
 
@@ -47,7 +46,8 @@ graph small (%x: float32[1,3,8,8], %c: bool[]) {
 
 
 def small_proto():
-    return with_initializers(onnx.parser.parse_model(SMALL), w=np.zeros((8, 3, 3, 3), np.float32), b=np.zeros(8, np.float32))
+    return with_initializers(onnx.parser.parse_model(SMALL), w=np.zeros((8, 3, 3, 3), np.float32),
+                             b=np.zeros(8, np.float32))
 
 
 def test_printer_snapshot():

@@ -68,9 +68,11 @@ def test_replace_inputs_drops_and_adds(model):
 def test_remove_checks_uses_then_unlinks(model):
     g = model.graph
     n = nodes_by_name(model)
-    with pytest.raises(IRError, match=r"cannot remove Add node .*output 'a' is still used by ''"):
+    with pytest.raises(IRError, match=r"cannot remove Add node '': its output 'a' is still used by Mul node ''$"):
         g.remove(n["Add"])
-    with pytest.raises(IRError, match="output 'y' is still used by graph output"):
+    with pytest.raises(IRError, match="output 's' is still used by Relu node '', graph output$"):
+        g.remove(n["Sub"])
+    with pytest.raises(IRError, match="output 'y' is still used by graph output$"):
         g.remove(n["Relu"])
     # detach Mul's readers, then remove: inputs lose the uses, the node leaves the list
     n["Sub"].set_input(0, g.inputs[0])

@@ -151,7 +151,8 @@ def test_use_def_inconsistencies():
     assert "node 'b' (Neg) in graph 'graph': input 0 reads 'a_out', but that value's use list lacks ('b', 0)" \
         in found[0]
     assert "value 'x' lists use ('b' Neg, input 0), but that node reads 'a_out' there" in found[1]
-    assert "value 'x' lists use ('orphan' Abs, input 0), but that node is in no graph (removed, or never added)" in found[2]
+    assert "value 'x' lists use ('orphan' Abs, input 0), but that node is in no graph (removed, or never " \
+           "added)" in found[2]
     assert orphan.inputs == (x,)
 
 
