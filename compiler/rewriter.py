@@ -198,7 +198,7 @@ class Rewriter:
                         queue.append(n)
                         queued.add(n)
                 break
-            if done >= limit:
+            if done >= limit and queue:  # an empty worklist at the limit is still a fixed point
                 result.stop_reason = StopReason.ITERATION_LIMIT
                 break
         if sort_needed:

@@ -15,8 +15,10 @@ flow, a dynamic dim the code specializes), with its source line.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
+import logging
 import os
 import traceback
 from typing import Any
@@ -200,13 +202,29 @@ def _export(module, args, kwargs, dynamic_shapes, strict):
     import torch
 
     try:
-        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        with _quiet_torch_logs():
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as e:  # torch raises many types here; each is diagnosed below
         err = e
     located = _eager_failure(module, args, kwargs)
     if located is not None:
         raise located from err
     raise _capture_error(module, err, strict, dynamic_shapes) from err
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs the partial graph and guard details on failure; graft's error says what matters."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+               if n == "torch" or n.startswith("torch.")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
 
 
 def _eager_failure(module, args, kwargs) -> ExampleInputError | None:
@@ -233,10 +251,16 @@ def _eager_failure(module, args, kwargs) -> ExampleInputError | None:
         return None
     except Exception as e:
         if not stack:
-            return ExampleInputError(f"{type(module).__name__} fails on the example inputs "
-                                     f"({_shapes(args)}{', ' if kwargs else ''}{_kw_shapes(kwargs)}): "
-                                     f"{_first_line(e)}")
+            given = ", ".join(p for p in (_shapes(args) if args else "", _kw_shapes(kwargs)) if p)
+            return ExampleInputError(f"{type(module).__name__} fails on the example inputs ({given}). "
+                                     f"torch says: {_first_line(e)}")
         path, mod, inputs = stack[-1]
+        if mod is module:
+            unknown = _unknown_keywords(module, kwargs)
+            hint = f"; {unknown}" if unknown else ""
+            given = ", ".join(p for p in (_shapes(args) if args else "", _kw_shapes(kwargs)) if p)
+            return ExampleInputError(f"{type(module).__name__} fails on the example inputs ({given}){hint}. "
+                                     f"torch says: {_first_line(e)}")
         tensor = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
         in_names = _input_names(module, args, kwargs)
         who = in_names.get(id(tensor))
@@ -251,6 +275,19 @@ def _eager_failure(module, args, kwargs) -> ExampleInputError | None:
         for h in handles:
             h.remove()
         stack.clear()
+
+
+def _unknown_keywords(module, kwargs) -> str:
+    """Keyword inputs that ``forward`` takes only through ``**kwargs`` (likely misspelled)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    named = [p.name for p in params.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    odd = [k for k in kwargs if k not in named]
+    if not odd:
+        return ""
+    return f"input(s) {', '.join(repr(k) for k in odd)} are not parameters of forward (it names: {', '.join(named)})"
 
 
 def _kw_shapes(kwargs) -> str:
