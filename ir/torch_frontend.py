@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import linecache
 import logging
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -220,8 +222,14 @@ def _quiet_torch_logs():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    buf = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(buf):  # torch prints the partial graph of a failed export there
+            yield
+    except BaseException:
+        raise
+    else:
+        sys.stderr.write(buf.getvalue())  # a successful capture keeps its warnings
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)

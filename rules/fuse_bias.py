@@ -57,7 +57,8 @@ def replacement(op, m):
 
 def _rule(op_type: str) -> Rule:
     pattern = op.Add(getattr(op, op_type)(x, w, op.optional(b), name="conv"), c, name="add")
-    return Rule(f"fuse_add_into_{op_type.lower()}_bias", pattern, replacement, check=check)
+    return Rule(f"fuse_add_into_{op_type.lower()}_bias", pattern, replacement, check=check,
+                doc=f"Add({op_type}(x, W, B), c) -> {op_type}(x, W, B + c) for a per-channel constant c.")
 
 
 fuse_add_into_conv_bias = _rule("Conv")

@@ -188,9 +188,8 @@ class Analyzer:
 
         graph = self.model.graph
         for node in graph:
-            carried = any(self.layout(v) is not None or v in self.origins for v in node.inputs if v is not None)
             if node.domain not in ("", "ai.onnx"):
-                if carried:
+                if any(self.layout(v) is not None for v in node.inputs):
                     self.block_inputs(node, f"{_where(node)} is a {node.domain}::{node.op_type} op, which the "
                                             f"channel analysis does not know")
                 continue
@@ -198,15 +197,19 @@ class Analyzer:
                 self.block_inputs(node, f"{_where(node)} has subgraphs")
                 self._block_outer_reads(node)
                 continue
+            has_layout = any(self.layout(v) is not None for v in node.inputs)
             handler = ops.HANDLERS.get(node.op_type)
             if handler is None:
-                if carried:
+                if has_layout:
                     self.block_inputs(node, f"{_where(node)} ({node.op_type}) is not understood by the channel "
                                             f"analysis, so the channels it reads must stay")
                 continue
-            if not carried and node.op_type not in ops.SOURCES:
+            if not has_layout:
+                if node.op_type in ops.SOURCES or (node.op_type in ops.ORIGIN_OPS and
+                                                   self.origin_of(node, 0) is not None):
+                    handler(self, node)
                 continue
-            if any(o.name and self.shapes.get(o) is None for o in node.outputs[:1]) and carried:
+            if any(o.name and self.shapes.get(o) is None for o in node.outputs[:1]):
                 self.block_inputs(node, f"the output shape of {_where(node)} is unknown (give the model static "
                                         f"shapes or --dim sizes)")
                 continue

@@ -497,4 +497,6 @@ def _handlers():
 
 
 SOURCES = frozenset({"Conv", "Gemm", "MatMul", "Gather"})
+# ops that carry a constant through broadcasting (class tokens expanded to the batch)
+ORIGIN_OPS = frozenset({"Expand", "Identity", "Cast"})
 HANDLERS = _handlers()
