@@ -29,8 +29,8 @@ from compiler.blame import Blame, rules_failing_checker, rules_in_message
 from compiler.numeric import OutputAgreement
 from compiler.passes import PassRecord, Pipeline
 from compiler.rewriter import StopReason
-from compiler.verification import (OutputDoesNotRun, UnloweredOps, Verification, default_dim_sizes, one_line,
-                                   verify_onnx, verify_torch)
+from compiler.verification import (OutputDoesNotRun, UnloweredOps, Verification, check_dim_sizes,
+                                   default_dim_sizes, one_line, symbolic_dims, verify_onnx, verify_torch)
 
 __all__ = ["CompileError", "CompileResult", "InvalidOutputError", "ModelStats", "NumericMismatchError", "Verification",
            "compile", "default_dim_sizes", "model_stats"]
@@ -269,11 +269,13 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         pipeline: a registered pipeline name (``optimize``, ``cleanup``, ``none``), a
             :class:`Pipeline`, or None for no pipeline.
         target: ``"onnx"`` (a ModelProto) or ``"torch"`` (a ``torch.fx.GraphModule``).
-        rules: user rules (a RuleSet or a list of Rule), run as their own pass after the pipeline.
+        rules: user rules (a RuleSet, a list of Rule, or the path of a rule file), run as their own
+            pass after the pipeline. A rule may not take the name of another rule of the pipeline.
         verify: run both models in onnxruntime and compare outputs. Structural checks
             (``ir.verify`` and ``onnx.checker`` full_check) run always.
         atol, rtol: an output passes when its max abs error <= atol or max rel error <= rtol.
-        dim_sizes: sizes for named symbolic input dims, e.g. ``{"batch": 1, "seq": 128}``.
+        dim_sizes: sizes for named symbolic input dims (``dim_param``), e.g. ``{"batch": 1, "seq": 128}``.
+            A name no graph input has raises :class:`CompileError`.
         seed: seed of the generated inputs.
 
     Returns:
@@ -287,9 +289,20 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         NumericMismatchError: an output differs beyond tolerance (names the first diverging rule).
         CompileError: torch paths without the torch frontend/backend, other unusable requests.
         KeyError: unknown pipeline name.
+        ValueError: a negative atol/rtol, dim sizes that are not positive integers, example
+            inputs that do not fit the model's inputs (name, dtype or shape).
+        compiler.user_rules.UserRuleFileError: ``rules`` is a rule file that cannot be loaded.
     """
     if target not in ("onnx", "torch"):
         raise ValueError(f"target must be 'onnx' or 'torch', got {target!r}")
+    for tol_name, tol in (("atol", atol), ("rtol", rtol)):
+        if not isinstance(tol, (int, float)) or not tol >= 0:  # `not >=` also refuses NaN
+            raise ValueError(f"{tol_name} must be a number >= 0, got {tol!r}")
+    check_dim_sizes(dim_sizes)
+    if isinstance(rules, (str, os.PathLike)):  # a rule file, as `graft compile --rules FILE` takes it
+        from compiler.user_rules import load_rule_file
+
+        rules = load_rule_file(rules)
     from rules.pipelines import with_user_rules
 
     t_start = time.perf_counter()
@@ -328,6 +341,8 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         result.module = _torch_entry("to_torch")(model)
 
     t = time.perf_counter()
+    if verify and dim_sizes and torch_module is None and example_inputs is None:
+        unknown_dims(ref_proto, dim_sizes, result)
     if verify:
         try:
             if torch_module is not None:
@@ -355,6 +370,17 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             f"output {worst.name!r} differs from the input model's by max abs {worst.max_abs:.3g} "
             f"(atol {atol:g}){where}", result, v.blame)
     return result
+
+
+def unknown_dims(proto: onnx.ModelProto, dim_sizes: dict[str, int], result: "CompileResult") -> None:
+    """Raise :class:`CompileError` when ``dim_sizes`` names a dim no graph input has (a typo would
+    otherwise be ignored and the inputs generated with other sizes than asked for)."""
+    dims = symbolic_dims(proto)
+    unknown = sorted(set(dim_sizes) - {d for ds in dims.values() for d in ds if isinstance(d, str)})
+    if unknown:
+        have = ", ".join(f"{k}[{', '.join(map(str, ds))}]" for k, ds in dims.items()) or "none"
+        raise CompileError(f"--dim / dim_sizes names {', '.join(map(repr, unknown))}, which no graph input has "
+                           f"(the inputs are {have}; _ is an unnamed dim, which cannot be sized)", result)
 
 
 def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src) -> tuple[onnx.ModelProto,

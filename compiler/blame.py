@@ -45,6 +45,8 @@ class Blame:
         max_abs, max_rel, cosine: agreement between the two values; ``inf`` when shapes differ.
         shapes: (compiled shape, original shape).
         compared: number of intermediate values compared.
+        subgraph_rules: when ``node`` is an If/Loop/Scan that no rule created but whose
+            subgraphs rules rewrote, those rules (``rule`` is set when there is one).
     """
 
     rule: str | None
@@ -58,14 +60,21 @@ class Blame:
     cosine: float
     shapes: tuple
     compared: int
+    subgraph_rules: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.shapes[0] != self.shapes[1]:
             diff = f"has shape {list(self.shapes[0])} instead of {list(self.shapes[1])}"
         else:
             diff = f"differs by max abs {self.max_abs:.3g} (max rel {self.max_rel:.3g}, cosine {self.cosine:.6f})"
-        who = f"rule {self.rule!r}" if self.rule else "no recorded rule"
         node = f"{self.op_type} node {self.node!r}" if self.node else f"an unnamed {self.op_type} node"
+        if self.subgraph_rules:
+            who = (f"rule {self.subgraph_rules[0]!r}" if len(self.subgraph_rules) == 1 else
+                   "one of the rules " + ", ".join(repr(r) for r in self.subgraph_rules))
+            return (f"{who}, which rewrote the subgraph(s) of {node}, is the likely cause: that node is the first "
+                    f"to diverge (its value {self.value!r} should equal {self.original!r} of the input model but "
+                    f"{diff}; values inside subgraphs cannot be compared one by one)")
+        who = f"rule {self.rule!r}" if self.rule else "no recorded rule"
         return (f"{who} is the first to diverge: value {self.value!r} of {node} "
                 f"should equal {self.original!r} of the input model but {diff}"
                 + (f"; the rule replaced {self.replaced}" if self.replaced else ""))
@@ -139,9 +148,31 @@ def find_blame(reference: onnx.ModelProto, compiled, compiled_proto: onnx.ModelP
             replaced = node.meta.get(PROVENANCE_REPLACED, "")
         else:
             rule, replaced = _redirect_culprit(node, orig, ref_producer, rewrites)
+        inside: tuple[str, ...] = ()
+        if rule is None:  # an If/Loop/Scan whose body a rule rewrote
+            inside = _subgraph_rules(node, ref_producer.get(orig), rewrites)
+            rule = inside[0] if len(inside) == 1 else None
         return Blame(rule, node.name, node.op_type, value.name, orig, replaced, ag.max_abs, ag.max_rel,
-                     ag.cosine, (tuple(np.shape(a)), tuple(np.shape(b))), len(candidates))
+                     ag.cosine, (tuple(np.shape(a)), tuple(np.shape(b))), len(candidates), inside)
     return None
+
+
+def _subgraph_rules(node, ref_node: onnx.NodeProto | None, rewrites) -> tuple[str, ...]:
+    """Rules that rewrote inside ``node``'s subgraphs: by the provenance of the nodes they created
+    there, else by the rewrite log naming nodes of the input model's subgraphs."""
+    found = {n.meta[PROVENANCE_RULE] for sg in node.subgraphs() for g in sg.all_graphs() for n in g
+             if PROVENANCE_RULE in n.meta}
+    if ref_node is not None:
+        keys = set()
+        stack = [ref_node]
+        while stack:
+            for a in stack.pop().attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                          a.graphs if a.type == onnx.AttributeProto.GRAPHS else []):
+                    keys.update(_key(n) for n in g.node)
+                    stack.extend(g.node)
+        found.update(rec.rule for rec in rewrites if keys.intersection(rec.replaced))
+    return tuple(sorted(found))
 
 
 def _key(node: onnx.NodeProto) -> str:

@@ -52,8 +52,11 @@ JSON (:meth:`ModelDiff.to_json`), schema ``graft.diff/1``:
 - ``initializers``: ``{"removed": [name], "added": [name], "changed": [name]}`` (main
   graph and subgraphs; ``changed``: same name, different dtype, shape or data).
 - ``check``: null, or ``{"inputs": {name: shape}, "outputs": [{"output", "output_b", "max_abs",
-  "max_rel", "cosine", "shape"}], "error": str | null}`` from :func:`compiler.numeric.compare`
-  (errors are null where the output shapes differ).
+  "max_rel", "cosine", "shape", "shape_b", "problem", "within_atol"}], "error": str | null,
+  "atol": float}``: A and B run in onnxruntime on the same inputs, outputs paired by position
+  (:func:`compiler.numeric.agreement`). ``problem`` is null, ``"shape"`` (the shapes differ) or
+  ``"nonfinite"`` (NaN/inf in one output where the other is finite); errors are then null.
+  ``within_atol``: no problem and max abs error <= ``atol``.
 """
 from __future__ import annotations
 
@@ -224,7 +227,8 @@ class ModelDiff:
 
 
 def diff_models(a, b, *, check: bool = False, feeds: dict | None = None, seed: int = 0,
-                dim_sizes: dict[str, int] | None = None, names: tuple[str, str] | None = None) -> ModelDiff:
+                dim_sizes: dict[str, int] | None = None, names: tuple[str, str] | None = None,
+                atol: float = 1e-4) -> ModelDiff:
     """Compare model ``a`` (before) with model ``b`` (after).
 
     Args:
@@ -232,7 +236,9 @@ def diff_models(a, b, *, check: bool = False, feeds: dict | None = None, seed: i
         check: also run both in onnxruntime on the same generated inputs
             (:func:`compiler.numeric.compare`) and report max abs / max rel error and
             cosine similarity per output of A (B's outputs matched by position).
-        feeds, seed, dim_sizes: passed to :func:`compiler.numeric.compare` when ``check``.
+        feeds, seed, dim_sizes: inputs of the check (default: generated from A's input types,
+            :func:`compiler.numeric.make_inputs`).
+        atol: an output of the check agrees (``within_atol``) when its max abs error is <= atol.
         names: display names of A and B (default: the path, else the graph name).
 
     Returns:
@@ -306,7 +312,7 @@ def diff_models(a, b, *, check: bool = False, feeds: dict | None = None, seed: i
         "rules": [rule_summary(by_rule[r]) for r in sorted(by_rule)],
         "io": io,
         "initializers": inits,
-        "check": _check(pa, pb, feeds, seed, dim_sizes) if check else None,
+        "check": _check(pa, pb, feeds, seed, dim_sizes, atol) if check else None,
     }
     return ModelDiff(data)
 
@@ -330,30 +336,36 @@ def _initializer_diff(fa: FlatModel, fb: FlatModel) -> dict:
             "changed": changed}
 
 
-def _check(pa, pb, feeds, seed, dim_sizes) -> dict:
+def _check(pa, pb, feeds, seed, dim_sizes, atol) -> dict:
     from compiler import numeric
 
     shapes: dict[str, list[int]] = {}
     try:
         if feeds is None:
             feeds = numeric.make_inputs(pa, seed=seed, dim_sizes=dim_sizes)
+        feeds = {k: np.asarray(v) for k, v in feeds.items()}  # a rank-0 bool comes back as a numpy scalar
         shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
-        res = numeric.compare(pa, pb, feeds)
+        ra = numeric.run(pa, feeds)
+        rb = numeric.run(pb, feeds)
     except Exception as e:  # onnxruntime raises its own exception types; report, do not crash the diff
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return {"inputs": shapes, "outputs": [], "error": f"{type(e).__name__}: {first}"}
-    names_b = [o.name for o in pb.graph.output]
-    outs = [{"output": r.name, "output_b": names_b[i] if i < len(names_b) else None,
-             "max_abs": _finite(r.max_abs), "max_rel": _finite(r.max_rel), "cosine": r.cosine,
-             "shape": list(r.shape)}
-            for i, r in enumerate(res)]
+        return {"inputs": shapes, "outputs": [], "error": f"{type(e).__name__}: {first}", "atol": atol}
+    outs = []
+    for (name_a, xa), (name_b, xb) in zip(ra.items(), rb.items()):
+        r = numeric.agreement(xa, xb, name_a)
+        problem = "shape" if np.shape(xa) != np.shape(xb) else \
+            None if np.isfinite(r.max_abs) else "nonfinite"
+        outs.append({"output": name_a, "output_b": name_b, "max_abs": _finite(r.max_abs),
+                     "max_rel": _finite(r.max_rel), "cosine": r.cosine if np.isfinite(r.cosine) else None,
+                     "shape": list(np.shape(xa)), "shape_b": list(np.shape(xb)), "problem": problem,
+                     "within_atol": problem is None and r.max_abs <= atol})
     err = None
     if len(pa.graph.output) != len(pb.graph.output):
         err = f"A has {len(pa.graph.output)} outputs, B has {len(pb.graph.output)}; compared the first " \
               f"{len(outs)} by position"
-    return {"inputs": shapes, "outputs": outs, "error": err}
+    return {"inputs": shapes, "outputs": outs, "error": err, "atol": atol}
 
 
 def _finite(x: float) -> float | None:
-    # numeric.agreement reports inf for a shape mismatch; JSON has no inf
+    # JSON has no inf or NaN (a shape mismatch, or NaN/inf in one output only)
     return x if np.isfinite(x) else None

@@ -165,10 +165,15 @@ def _check(data: dict) -> list:
     if chk["outputs"]:
         feeds = ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in chk.get("inputs", {}).items())
         head = Text(f"output agreement (onnxruntime; generated inputs {feeds})")
-        t = _table("", "output", "shape", "max abs", "max rel", "cosine", right=(2, 3, 4))
+        t = _table("", "output", "shape", "max abs", "max rel", "cosine", "", right=(2, 3, 4))
         for o in chk["outputs"]:
             name = o["output"] if o["output_b"] in (None, o["output"]) else f"{o['output']} / {o['output_b']}"
-            t.add_row(name, str(o["shape"]), _g(o["max_abs"]), _g(o["max_rel"]), f"{o['cosine']:.6f}")
+            problem = o.get("problem")
+            shape = str(o["shape"]) if problem != "shape" else f"{o['shape']} vs {o['shape_b']}"
+            cos = "-" if o["cosine"] is None else f"{o['cosine']:.6f}"
+            verdict = {"shape": "SHAPE DIFFERS", "nonfinite": "NaN/inf DIFFER"}.get(problem) or \
+                ("ok" if o.get("within_atol", True) else f"DIFFERS (atol {chk['atol']:g})")
+            t.add_row(name, shape, _g(o["max_abs"]), _g(o["max_rel"]), cos, verdict)
         out.append(Group(head, t))
     if chk["error"]:
         out.append(Text(f"check: {chk['error']}"))
@@ -176,7 +181,7 @@ def _check(data: dict) -> list:
 
 
 def _g(x: float | None) -> str:
-    return "shape differs" if x is None else f"{x:.3g}"
+    return "-" if x is None else f"{x:.3g}"
 
 
 def render_text(data: dict, *, width: int = 120, max_items: int = 10) -> str:

@@ -61,10 +61,9 @@ class Matcher:
     # -- public -------------------------------------------------------------
     def match(self, node: Node) -> dict | None:
         """Bindings (Var → Value, name → Node, "attr:" + name → value) or None."""
-        b0 = {"__nodes__": (), "__roots__": (node,)}
         if len(self.roots) == 1:
-            return self._first(self.roots[0], node, b0)
-        for b in self._tree(self.roots[0], node, b0):
+            return self._first(self.roots[0], node)
+        for b in self._tree(self.roots[0], node, {"__nodes__": (), "__roots__": (node,)}):
             got = self._more_roots(1, b)
             if got is not None:
                 return got
@@ -78,12 +77,12 @@ class Matcher:
         if self.best_miss is None or depth > self.best_miss.depth:
             self.best_miss = Miss(reason, node, depth)
 
-    def _first(self, pn: PatternNode, node: Node, b0: dict) -> dict | None:
-        """The first binding :meth:`_tree` would yield (same walk, no generator)."""
+    def _first(self, pn: PatternNode, node: Node) -> dict | None:
+        """The first binding :meth:`_tree` would yield for a single-root pattern (no generator)."""
         decisions: list[int] = []
+        roots = (node,)
         while True:
-            b = dict(b0)
-            b["__nodes__"] = list(b0["__nodes__"])
+            b = {"__nodes__": [], "__roots__": roots}
             self._decisions, self._cursor = decisions, 0
             if self._node(pn, node, b):
                 b["__nodes__"] = tuple(b["__nodes__"])

@@ -91,6 +91,19 @@ def build(result) -> Group:
     return Group(*parts)
 
 
+def warnings(result) -> list[str]:
+    """One-line warnings a quiet run (``graft compile -q``) still prints: the output was written
+    but not verified, or a rewrite pass stopped at its iteration limit."""
+    out = []
+    limited = [name for name, r in result.stop_reasons.items() if r.value != "saturated"]
+    if limited:
+        out.append(f"iteration limit reached in {', '.join(limited)} (the graph is valid but may not be fully "
+                   f"rewritten; a rule may undo another's rewrite)")
+    if result.verification.status == "skipped":
+        out.append(f"verification skipped: {' '.join(result.verification.reason.split())}")
+    return out
+
+
 def render(result, console: Console | None = None) -> None:
     """Print the summary to ``console`` (default: stdout)."""
     (console or Console()).print(build(result))

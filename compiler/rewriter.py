@@ -29,6 +29,7 @@ from compiler.match import Failure, Match, Matcher, Miss
 from compiler.pattern import check_op_name, caller_location
 from compiler.rule import Rule, RuleSet
 from ir import Graph, Model, Node, Tensor, Value
+from ir._gc import gc_paused
 from ir.dtypes import DataType
 
 
@@ -159,8 +160,9 @@ class Rewriter:
 
     def run(self, model: Model) -> RewriteResult:
         result = RewriteResult(False, StopReason.SATURATED)
-        for g in list(model.all_graphs()):
-            self._run_graph(g, model.opset, result)
+        with gc_paused():  # a rewrite allocates and frees in bulk: see ir/_gc.py
+            for g in list(model.all_graphs()):
+                self._run_graph(g, model.opset, result)
         result.modified = result.rewrites > 0
         return result
 

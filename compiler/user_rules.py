@@ -19,6 +19,9 @@ from compiler.pattern import PatternError
 from compiler.rule import Rule
 
 _counter = itertools.count()
+# Real paths of the rule files loaded so far: an exception whose traceback runs through one
+# of them (a pattern predicate, say) is the user's rule's fault, not graft's (see user_frame).
+_LOADED: set[str] = set()
 
 
 class UserRuleFileError(ValueError):
@@ -52,6 +55,8 @@ def load_rule_file(path: str | os.PathLike) -> list[Rule]:
             a ``RULES`` entry that is not a Rule, or no rules at all.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserRuleFileError(f"{path}: is a directory, expected a .py rule file")
     if not path.is_file():
         raise UserRuleFileError(f"{path}: no such rule file")
     mod_name = f"graft_user_rules_{next(_counter)}_{path.stem}"
@@ -66,12 +71,19 @@ def load_rule_file(path: str | os.PathLike) -> list[Rule]:
     except PatternError as e:  # RuleDefinitionError included: a malformed pattern or rule
         msg = re.sub(r"^\S+:\d+: ", "", str(e))  # the location is given once, in front
         raise UserRuleFileError(f"{_where(path, e)}: invalid rule: {msg}") from e
+    except SystemExit as e:  # sys.exit() in a rule file must not end graft silently
+        raise UserRuleFileError(f"{_where(path, e)}: the rule file called sys.exit({e.code!r}) while being "
+                                f"imported (a rule file only defines rules)") from e
     except Exception as e:  # noqa: BLE001 — any import-time failure is the user's file's fault
         raise UserRuleFileError(f"{_where(path, e)}: importing the rule file raised "
                                 f"{type(e).__name__}: {e}") from e
     finally:
         sys.modules.pop(mod_name, None)
+    _LOADED.add(os.path.realpath(path))
     if hasattr(module, "RULES"):
+        if isinstance(module.RULES, (Rule, str, bytes)) or not hasattr(module.RULES, "__iter__"):
+            raise UserRuleFileError(f"{path}: RULES is {type(module.RULES).__name__} {module.RULES!r}; it must be a "
+                                    f"list of compiler.Rule")
         rules = list(module.RULES)
         for i, r in enumerate(rules):
             if not isinstance(r, Rule):
@@ -90,3 +102,23 @@ def load_rule_files(paths) -> list[Rule]:
     for p in paths:
         out.extend(load_rule_file(p))
     return out
+
+
+def user_frame(exc: BaseException) -> str | None:
+    """``file:line`` of the deepest frame of ``exc``'s traceback inside a loaded rule file, or None.
+
+    Tells a fault in a user's rule (a ``Const``/attribute predicate that raises while the
+    matcher runs it, say) from a fault in graft.
+    """
+    where = None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # the raising frame may sit in a chained exception
+        seen.add(id(e))
+        for fs in traceback.extract_tb(e.__traceback__):
+            if os.path.realpath(fs.filename) in _LOADED:
+                where = f"{fs.filename}:{fs.lineno}"
+        if where is not None:
+            return where
+        e = e.__cause__ or e.__context__
+    return None

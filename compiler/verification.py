@@ -77,6 +77,30 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def check_dim_sizes(dim_sizes) -> None:
+    """Raise ValueError unless ``dim_sizes`` is None or a dict of dim name → positive int."""
+    if dim_sizes is None:
+        return
+    if not isinstance(dim_sizes, dict):
+        raise ValueError(f"dim_sizes must be a dict of dim name -> size, got {type(dim_sizes).__name__}")
+    for k, v in dim_sizes.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"dim_sizes[{k!r}] = {v!r}: a dim size must be a positive integer")
+
+
+def symbolic_dims(proto: onnx.ModelProto) -> dict[str, list]:
+    """Graph input (initializers excluded) → its dims: an int when fixed, the ``dim_param`` name
+    when symbolic, ``"_"`` when unknown and unnamed."""
+    inits = {t.name for t in proto.graph.initializer}
+    out = {}
+    for vi in proto.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        out[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "_")
+                        for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
 def default_dim_sizes(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None = None) -> tuple[dict, int]:
     """(named dim → size, size for unnamed dims) for generated inputs.
 
@@ -116,16 +140,45 @@ def make_feeds(proto: onnx.ModelProto, example_inputs=None, dim_sizes: dict[str,
     names = [vi.name for vi in proto.graph.input if vi.name not in inits]
     if example_inputs is None:
         sizes, default = default_dim_sizes(proto, dim_sizes)
-        return numeric.make_inputs(proto, seed=seed, dim_sizes=sizes, default_dim=default)
+        feeds = numeric.make_inputs(proto, seed=seed, dim_sizes=sizes, default_dim=default)
+        # a rank-0 bool comes back as a numpy scalar, which onnxruntime refuses
+        return {k: np.asarray(v) for k, v in feeds.items()}
     if isinstance(example_inputs, dict):
         missing = [n for n in names if n not in example_inputs]
         if missing:
             raise ValueError(f"example_inputs lacks graph input(s) {missing}; the model's inputs are {names}")
-        return {n: to_numpy(example_inputs[n]) for n in names}
-    seq = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if len(seq) != len(names):
-        raise ValueError(f"{len(seq)} example input(s) given, the model has {len(names)}: {names}")
-    return {n: to_numpy(x) for n, x in zip(names, seq)}
+        feeds = {n: to_numpy(example_inputs[n]) for n in names}
+    else:
+        seq = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if len(seq) != len(names):
+            raise ValueError(f"{len(seq)} example input(s) given, the model has {len(names)}: {names}")
+        feeds = {n: to_numpy(x) for n, x in zip(names, seq)}
+    _check_feeds(proto, feeds)
+    return feeds
+
+
+def _check_feeds(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    """Raise ValueError for a caller's input whose dtype, rank or fixed dims differ from the graph
+    input's type: onnxruntime would refuse it, and verification would be skipped, not done."""
+    for vi in proto.graph.input:
+        a = feeds.get(vi.name)
+        if a is None or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        try:
+            want = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        except Exception:  # noqa: BLE001 — no numpy equivalent (e.g. bfloat16): leave it to onnxruntime
+            want = None
+        if want is not None and a.dtype != want:
+            raise ValueError(f"example input {vi.name!r} is {a.dtype}[{', '.join(map(str, a.shape))}], the model's "
+                             f"input is {np.dtype(want)}; convert it (e.g. np.asarray(x, np.{np.dtype(want)}))")
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
+            want_shape = ", ".join("?" if d is None else str(d) for d in dims)
+            raise ValueError(f"example input {vi.name!r} has shape {list(a.shape)}, the model's input is "
+                             f"[{want_shape}]")
 
 
 @contextlib.contextmanager
@@ -170,28 +223,54 @@ def verify_onnx(ref_proto: onnx.ModelProto, ref_src, out_proto: onnx.ModelProto,
     except Exception as e:  # noqa: BLE001 — ORT raises several types; the input model is the one at fault
         v.reason = f"onnxruntime cannot load the input model: {one_line(e)}"
         return v
+    names = [o.name for o in sess.get_outputs()]
     try:
-        names = [o.name for o in sess.get_outputs()]
-        ref_out = dict(zip(names, sess.run(names, feeds)))
+        runs = [(feeds, dict(zip(names, sess.run(names, feeds))))]
     except Exception as e:  # noqa: BLE001
         shapes = ", ".join(f"{k}{list(s)}" for k, s in v.inputs.items())
         kind = "generated" if v.generated else "the given"
         v.reason = (f"onnxruntime cannot run the input model on {kind} inputs {shapes}: {one_line(e)} "
                     f"(set symbolic dim sizes with --dim name=size / dim_sizes, or pass example inputs)")
         return v
+    flipped = _flip_bools(feeds) if v.generated else None
+    if flipped is not None:
+        # a generated bool input (an If condition, a Loop's keep-going flag) takes one value: run the other
+        # too, so a rule that broke the branch not taken is caught. Skipped if the input model fails on it.
+        try:
+            runs.append((flipped, dict(zip(names, sess.run(names, flipped)))))
+        except Exception:  # noqa: BLE001
+            pass
     del sess
     try:
         with _runnable(out_proto, out_bytes) as src:
-            out = numeric.run(src, feeds)
+            out_sess = numeric._session(src)
+            outs = [dict(zip(names, out_sess.run(names, f))) for f, _ in runs]
     except Exception as e:  # noqa: BLE001
         raise OutputDoesNotRun(one_line(e)) from None
-    v.outputs = [numeric.agreement(ref_out[name], out.get(name, np.array(np.nan)), name) for name in ref_out]
-    if all(o.within(atol, rtol) for o in v.outputs):
+    failing = None
+    for (f, ref_out), out in zip(runs, outs):
+        agree = [numeric.agreement(ref_out[name], out.get(name, np.array(np.nan)), name) for name in ref_out]
+        if not v.outputs:
+            v.outputs = agree
+        elif failing is None:  # keep the worse of the runs, per output
+            v.outputs = [b if not b.within(atol, rtol) or not (b.max_abs <= a.max_abs) else a
+                         for a, b in zip(v.outputs, agree)]
+        if failing is None and not all(o.within(atol, rtol) for o in agree):
+            failing = f
+            v.outputs = agree
+    if failing is None:
         v.status = "passed"
         return v
     v.status = "failed"
-    v.blame = find_blame(ref_proto, model, out_proto, feeds, rewrites, atol=max(atol, 1e-6))
+    v.blame = find_blame(ref_proto, model, out_proto, failing, rewrites, atol=max(atol, 1e-6))
     return v
+
+
+def _flip_bools(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """``feeds`` with every bool input negated, or None when there is none."""
+    if not any(a.dtype == np.bool_ for a in feeds.values()):
+        return None
+    return {k: np.asarray(np.logical_not(a)) if a.dtype == np.bool_ else a for k, a in feeds.items()}
 
 
 def verify_torch(module, example_inputs, compiled_module, out_proto, model, *, atol: float = 1e-4,

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ir._core import Graph, IRError, Model, Node, Tensor, Value
+from ir._gc import gc_paused
 from ir.dtypes import DataType
 
 # ONNX protobuf cannot serialize more than 2 GiB in one message.
@@ -293,6 +294,11 @@ def from_onnx(proto: onnx.ModelProto) -> Model:
     Raises:
         ModelLoadError: a node reads a value that is not defined before it.
     """
+    with gc_paused():  # bulk allocation: see ir/_gc.py
+        return _from_onnx(proto)
+
+
+def _from_onnx(proto: onnx.ModelProto) -> Model:
     m = Model(opset_imports={o.domain: o.version for o in proto.opset_import}, ir_version=proto.ir_version)
     m.graph = _read_graph(proto.graph, _Scope(), model=m)
     m.producer_name = proto.producer_name
@@ -437,6 +443,11 @@ def _write_graph(g: Graph, gp: onnx.GraphProto | None = None) -> onnx.GraphProto
 
 def to_onnx(model: Model) -> onnx.ModelProto:
     """Convert an IR :class:`Model` back to a ``ModelProto`` (no checking)."""
+    with gc_paused():  # bulk allocation: see ir/_gc.py
+        return _to_onnx(model)
+
+
+def _to_onnx(model: Model) -> onnx.ModelProto:
     mp = onnx.ModelProto()
     mp.ir_version = model.ir_version
     order = model.meta.get("_opset_order", [])

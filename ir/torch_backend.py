@@ -44,10 +44,18 @@ class TorchBackendError(ValueError):
 
 
 def _ident(name: str) -> str:
+    """A Python identifier for ``name`` (placeholders, class names)."""
     s = re.sub(r"\W", "_", name) or "v"
     if s[0].isdigit() or keyword.iskeyword(s):
         s = "_" + s
     return s
+
+
+def _segment(name: str) -> str:
+    """An attribute name for one part of a dotted path: digits stay (``layers.0.weight``, as ModuleList names
+    them; fx reads them with getattr), other non-word characters become ``_``."""
+    s = re.sub(r"\W", "_", name) or "_"
+    return "_" + s if keyword.iskeyword(s) else s
 
 
 def _to_torch_tensor(t: Tensor):
@@ -74,8 +82,6 @@ def is_trainable(v: Value, tensor: Tensor | None = None) -> bool:
 
 class _Builder:
     def __init__(self, model: Model):
-        import torch
-
         self.model = model
         self.opset = model.opset
         self.root = torch.nn.Module()
@@ -86,9 +92,7 @@ class _Builder:
 
     # -- state ----------------------------------------------------------------------
     def _register(self, name: str, tensor, trainable: bool) -> str:
-        import torch
-
-        segs = [_ident(s) for s in name.split(".")] if name else ["v"]
+        segs = [_segment(s) for s in name.split(".")] if name else ["v"]
         path = ".".join(segs)
         if not self._fits(segs):
             path = _ident(name.replace(".", "_"))
@@ -114,8 +118,6 @@ class _Builder:
 
     def _fits(self, segs: list[str]) -> bool:
         """The module path exists or can be made, and the leaf name is free."""
-        import torch
-
         mod = self.root
         for s in segs[:-1]:
             sub = getattr(mod, s, None)
@@ -165,8 +167,6 @@ class _Builder:
 
         zp = q.inputs[2] if len(q.inputs) > 2 else None
         dtype = ONNX_TO_TORCH_DTYPE.get(zp.dtype if zp is not None else DataType.UINT8)
-        import torch
-
         lo, hi = torch_ops_nn.quant_range(getattr(torch, dtype))
         zp_node = self.value(zp) if zp is not None else self.fx.call_function(
             torch.zeros, ((1,),), {"dtype": torch.int32})
@@ -239,8 +239,6 @@ def _attr_arg(v, n: Node):
 
 
 def _aten_attr(v, real: str):
-    import torch
-
     if v is None:
         return None
     base = real.removeprefix("Optional[").removesuffix("]")
@@ -300,19 +298,21 @@ def unsupported_ops(model: Model) -> list[str]:
         for n in g:
             mod = n.meta.get("torch.module")
             where = f" in module '{mod}'" if mod else ""
+            label = n.name or (n.outputs[0].name if n.outputs else "")
+            if any(True for _ in n.subgraphs()):
+                out.append(f"{n.op_type} (node {label!r}{where}): control flow subgraphs are not supported")
+                continue
             if n.domain == ATEN_DOMAIN:
                 try:
                     overload(n.op_type)
                 except ValueError as e:
-                    out.append(f"{n.op_type} (node {n.name!r}{where}): {e}")
+                    out.append(f"{n.op_type} (node {label!r}{where}): {e}")
                 continue
             if n.domain not in ("", "ai.onnx"):
-                out.append(f"{n.domain}::{n.op_type} (node {n.name!r}{where}): custom domain {n.domain!r}")
+                out.append(f"{n.domain}::{n.op_type} (node {label!r}{where}): custom domain {n.domain!r}")
             elif n.op_type != "Constant" and lookup(n.op_type, model.opset) is None:
-                out.append(f"{n.op_type} (node {n.name!r}{where}): no torch implementation at opset "
+                out.append(f"{n.op_type} (node {label!r}{where}): no torch implementation at opset "
                            f"{model.opset}")
-            elif any(True for _ in n.subgraphs()):
-                out.append(f"{n.op_type} (node {n.name!r}{where}): control flow subgraphs are not supported")
     return out
 
 
@@ -333,7 +333,6 @@ def to_torch(model: Model, *, class_name: str | None = None):
         TorchBackendError: ops without a torch implementation (custom domains, control
             flow, ONNX ops not in :mod:`ir.torch_ops`), all listed with node and module.
     """
-    import torch
     from ir.torch_ops import lookup
 
     bad = unsupported_ops(model)
@@ -390,14 +389,15 @@ def save_module(module, path) -> None:
     import tempfile
     from pathlib import Path
 
-    import torch
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         torch.save(module, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -408,6 +408,4 @@ def save_module(module, path) -> None:
 def load_module(path):
     """Read a module written by :func:`save_module` (``torch.load(..., weights_only=False)``:
     only load files you trust, as with any pickle)."""
-    import torch
-
     return torch.load(path, weights_only=False)

@@ -90,12 +90,22 @@ def from_torch(module, example_inputs=None, dynamic_shapes=None, *, example_kwar
         dim_names = _dim_names(ep, args, kwargs, dynamic_shapes, module)
     if decompose:
         ep = ep.run_decompositions()
+    elif _has_mutation(ep):
+        # in-place ops (`x += y`, ReLU(inplace=True), buffer updates): functionalize, keeping every op
+        ep = ep.run_decompositions({})
     model = import_program(ep, dim_names)
     model.meta["torch.in_spec"] = ep.call_spec.in_spec
     model.meta["torch.out_spec"] = ep.call_spec.out_spec
     if not isinstance(module, torch.export.ExportedProgram):
         model.graph.name = type(module).__name__
     return model
+
+
+def _has_mutation(ep) -> bool:
+    import torch
+
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and
+               n.target._schema.is_mutable for n in ep.graph.nodes)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -327,7 +337,8 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-_INTERNAL = (os.sep + "torch" + os.sep, os.sep + "transformers" + os.sep + "utils", os.sep + "ir" + os.sep,
+_INTERNAL = (os.sep + "torch" + os.sep, os.sep + "transformers" + os.sep + "utils",
+             os.path.dirname(os.path.abspath(__file__)) + os.sep,  # graft's ir package itself
              "<frozen", os.sep + "contextlib.py", os.sep + "functools.py")
 
 
@@ -363,7 +374,9 @@ def _capture_error(module, e: BaseException, strict: bool, dynamic_shapes) -> To
         tries = ["replace the branch with torch.where / torch.cond, or move .item()/.tolist() out of forward",
                  "if the value only matters for the example, make it a constructor argument"]
     elif "constraint" in low or "specializ" in low or "dynamic_shapes" in low or "dim" in low and "range" in low:
-        what = "a dynamic dim that the code specializes or constrains"
+        detail = [ln.strip(" -") for ln in msg.splitlines()[1:] if ln.strip().startswith("- ")]
+        what = "a dynamic dim that the code specializes or constrains" + \
+            (f" ({detail[0].split('. If you')[0]})" if detail else "")
         tries = ["relax dynamic_shapes (drop the dim, give Dim(min=..., max=...), or use Dim.AUTO)",
                  "or export with static shapes (dynamic_shapes=None)"]
     else:

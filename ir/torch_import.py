@@ -195,7 +195,12 @@ class _Importer:
             src = self.env.get(n.args[0])
             if not isinstance(src, (list, tuple)):
                 raise TorchImportError(f"{self._where(n)}: getitem on a value that is not a tuple")
-            self.env[n] = src[n.args[1]]
+            i = n.args[1]
+            if i >= len(src):
+                if n.users:
+                    raise TorchImportError(f"{self._where(n)}: reads output {i} of a {len(src)}-output node")
+                return  # an unread output the import did not keep
+            self.env[n] = src[i]
             return
         if isinstance(target, torch._ops.OpOverload):
             op_type = op_type_of(target)
@@ -283,7 +288,7 @@ class _Importer:
         count = len(val)
         names = {}
         for u in n.users:
-            if u.target is operator.getitem:
+            if u.target is operator.getitem and u.users:  # export leaves unread getitems behind
                 names.setdefault(u.args[1], u.name)
         if not returns_list(op_type):
             # Fixed tuples (native_layer_norm's mean/rstd, max_pool's indices): keep only the used prefix.
@@ -361,10 +366,12 @@ class _Importer:
         values = []
         for i, (a, spec) in enumerate(zip(flat, specs)):
             if spec.kind != OutputKind.USER_OUTPUT:
+                what = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.PARAMETER_MUTATION: "parameter",
+                        OutputKind.USER_INPUT_MUTATION: "input"}.get(spec.kind, spec.kind.name.lower())
                 raise TorchImportError(
-                    f"forward() updates {spec.kind.name.lower().replace('_', ' ')} {spec.target!r}: graft "
-                    f"captures inference graphs without state updates. Call module.eval() and avoid "
-                    f"in-place updates of parameters/buffers in forward()")
+                    f"forward() updates {what} {spec.target!r} in place: graft captures inference graphs "
+                    f"without state updates (avoid in-place updates of parameters/buffers/inputs in forward(); "
+                    f"training-mode BatchNorm does this, so capture in eval mode)")
             v = self.env.get(a) if a is not None else None
             if not isinstance(v, Value):
                 raise TorchImportError(f"output {i} of the model is {a!r}, not a tensor computed by the graph")
@@ -468,8 +475,9 @@ def import_program(ep, dim_names: dict[str, str] | None = None) -> Model:
 
             obj = getattr(ep.graph_module, n.target)
             if not isinstance(obj, torch.Tensor):
-                raise TorchImportError(f"node {n.name!r} reads submodule {n.target!r} (a control-flow "
-                                       f"branch); graft's torch frontend does not support torch.cond/map")
+                raise TorchImportError(f"node {n.name!r} reads submodule {n.target!r}, a branch of control flow "
+                                       f"(torch.cond / torch.map / while_loop), which graft's torch frontend does "
+                                       f"not support; rewrite it with torch.where or keep it outside the module")
             imp.env[n] = imp._initializer(n.target, obj, "constant")
         elif n.op == "output":
             out_node = n

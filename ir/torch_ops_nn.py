@@ -203,9 +203,16 @@ def GlobalMaxPool(x):
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
+def _pad(x, pads, mode, value):
+    tp = _torch_pad(list(pads))
+    while len(tp) > 2 and tp[-1] == 0 and tp[-2] == 0:
+        tp = tp[:-2]  # torch pads non-constant modes over the last 1-3 dims only: drop untouched leading dims
+    return F.pad(x, tp, _PAD_MODES[mode], value if mode == "constant" else None)
+
+
 @onnx_op("Pad", since=1)
 def Pad_1(x, *, pads, mode="constant", value=0.0):
-    return F.pad(x, _torch_pad(list(pads)), _PAD_MODES[mode], value if mode == "constant" else None)
+    return _pad(x, pads, mode, value)
 
 
 @onnx_op("Pad", since=11)
@@ -218,7 +225,7 @@ def Pad(x, pads, constant_value=None, axes=None, *, mode="constant"):
             full[a], full[x.dim() + a] = p[i], p[len(ax) + i]
         p = full
     v = float(constant_value.reshape(-1)[0]) if constant_value is not None else 0.0
-    return F.pad(x, _torch_pad(p), _PAD_MODES[mode], v if mode == "constant" else None)
+    return _pad(x, p, mode, v)
 
 
 def _nearest_index(out_size, in_size, scale, ctm, nearest_mode):

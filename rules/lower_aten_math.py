@@ -55,6 +55,8 @@ def arith(op, a, n):
     if alpha not in (None, 1):
         y = op.Mul(y, const(op, np.array(alpha), dt))
     if base == "remainder":
+        if dt.is_float:  # ONNX Mod needs fmod=1 for floats (before opset 28): x - floor(x / y) * y
+            return op.Sub(x, op.Mul(op.Floor(op.Div(x, y)), y))
         return op.Mod(x, y, fmod=0)
     if base == "fmod":
         return op.Mod(x, y, fmod=1)
@@ -111,7 +113,7 @@ _LOGIC = {"and": ("And", "BitwiseAnd"), "or": ("Or", "BitwiseOr"), "xor": ("Xor"
 
 def logic(op, a, n):
     """__and__/bitwise_and/logical_and (and or/xor): And on bool, BitwiseAnd on integers."""
-    word = next(w for w in _LOGIC if w in n.op_type.split(".")[0])
+    word = n.op_type.split(".")[0].strip("_").split("_")[-1]  # __xor__ / bitwise_xor / logical_xor -> xor
     dt = out_dtype(n)
     if n.op_type.startswith("logical_"):
         x, y = operand(op, a["self"], DataType.BOOL), operand(op, a["other"], DataType.BOOL)
@@ -296,7 +298,7 @@ RULES = [
     *lowering(["__and__.Tensor", "bitwise_and.Tensor", "logical_and.default", "__or__.Tensor", "bitwise_or.Tensor",
                "logical_or.default", "__xor__.Tensor", "bitwise_xor.Tensor", "logical_xor.default"], logic),
     *lowering(["logical_not.default", "bitwise_not.default"], logical_not),
-    *lowering("where.self", where),
+    *lowering(["where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar"], where),
     *lowering(["masked_fill.Scalar", "masked_fill.Tensor"], masked_fill),
     *lowering(["clamp.default", "clamp.Tensor", "clamp_min.default", "clamp_max.default"], clamp),
     *lowering("neg.default", _unary("Neg")),

@@ -72,7 +72,8 @@ def transpose(op, a, n):
     r = rank(x)
     if r < 2:
         return passthrough(op, x, n)
-    d0, d1 = (axis(a["dim0"], r), axis(a["dim1"], r)) if "dim0" in a else (0, 1)
+    d0, d1 = (axis(a["dim0"], r), axis(a["dim1"], r)) if "dim0" in a else \
+        (r - 2, r - 1) if n.op_type.startswith("mT") else (0, 1)
     perm = list(range(r))
     perm[d0], perm[d1] = perm[d1], perm[d0]
     return op.Transpose(x, perm=perm)
@@ -233,8 +234,28 @@ def constant_pad(op, a, n):
     begins, ends = [0] * r, [0] * r
     for i in range(len(pad) // 2):
         begins[r - 1 - i], ends[r - 1 - i] = pad[2 * i], pad[2 * i + 1]
-    value = const(op, np.array(a.get("value", 0) or 0), x.dtype)
+    value = const(op, np.array(a.get("value") or 0), x.dtype)
     return op.Pad(x, ints(op, begins + ends), value, mode="constant")
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def pad(op, a, n):
+    """pad(x, pad, mode, value) -> Pad (constant / reflect / edge / wrap)."""
+    mode = a.get("mode", "constant")
+    if mode not in _PAD_MODES:
+        refuse(f"pad mode {mode!r}")
+    if mode == "constant":
+        return constant_pad(op, a, n)
+    x, p = a["self"], a["pad"]
+    if isinstance(p, Value):
+        refuse("pads known only at run time")
+    r = rank(x)
+    begins, ends = [0] * r, [0] * r
+    for i in range(len(p) // 2):
+        begins[r - 1 - i], ends[r - 1 - i] = p[2 * i], p[2 * i + 1]
+    return op.Pad(x, ints(op, begins + ends), mode=_PAD_MODES[mode])
 
 
 def upsample(op, a, n):
@@ -267,7 +288,7 @@ RULES = [
     *lowering(["view.default", "reshape.default", "_unsafe_view.default"], view),
     *lowering("flatten.using_ints", flatten),
     *lowering("permute.default", permute),
-    *lowering(["transpose.int", "t.default"], transpose),
+    *lowering(["transpose.int", "t.default", "mT.default"], transpose),
     *lowering("expand.default", expand),
     *lowering("repeat.default", repeat),
     *lowering(["squeeze.dim", "squeeze.dims", "squeeze.default"], squeeze),
@@ -284,6 +305,7 @@ RULES = [
     *lowering("sym_size.int", sym_size),
     *lowering("sym_numel.default", sym_numel),
     *lowering("constant_pad_nd.default", constant_pad),
+    *lowering("pad.default", pad),
     *lowering(["upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
                "upsample_nearest2d.default", "upsample_bilinear2d.vec", "upsample_bilinear2d.default"], upsample),
     *lowering("pixel_shuffle.default", pixel_shuffle),

@@ -71,11 +71,19 @@ def _bind(fn: Callable):
         except Refuse as e:
             node.meta["graft.lowering_refused"] = str(e)
             return m.fail(str(e), node)
-        outs = out if isinstance(out, tuple) else (out,)
-        if len(outs) != len(node.outputs):
-            outs = outs[:len(node.outputs)]
+        outs = list(out) if isinstance(out, tuple) else [out]
+        for i, old in enumerate(node.outputs[len(outs):], start=len(outs)):
+            if old.num_uses or old.is_graph_output():
+                node.meta["graft.lowering_refused"] = f"output {i} is used but the lowering does not compute it"
+                return m.fail(node.meta["graft.lowering_refused"], node)
+            outs.append(op.Identity(outs[0]))  # a placeholder for an unused output; dead code drops it
+        outs = outs[:len(node.outputs)]
+        made = {o for n in op.nodes for o in n.outputs}
+        for i, (old, new) in enumerate(zip(node.outputs, outs)):
+            if old.is_graph_output() and new not in made:
+                outs[i] = op.Identity(new)  # a graph output keeps its name on a node output
         inherit(op, node)
-        return outs if len(outs) != 1 else outs[0]
+        return tuple(outs) if len(outs) != 1 else outs[0]
 
     replacement.__doc__ = fn.__doc__
     replacement.__name__ = f"lower_{fn.__name__}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from compiler.passes import FunctionPass, Pipeline, RewritePass, get_pipeline, register_pipeline
-from compiler.rule import Rule, RuleSet
+from compiler.rule import Rule, RuleDefinitionError, RuleSet
 
 
 def cleanup() -> Pipeline:
@@ -51,7 +51,8 @@ def with_user_rules(pipeline: str | Pipeline | None, rules: Rule | RuleSet | Ite
 
     Raises:
         KeyError: unknown pipeline name.
-        compiler.RuleDefinitionError: two user rules share a name.
+        compiler.RuleDefinitionError: two user rules share a name, or a user rule has the name of
+            another rule of the pipeline.
     """
     if pipeline is None:
         pipeline = "none"
@@ -63,6 +64,13 @@ def with_user_rules(pipeline: str | Pipeline | None, rules: Rule | RuleSet | Ite
     ruleset = rules if isinstance(rules, RuleSet) else RuleSet(list(rules), name=name)
     if len(ruleset) == 0:
         return base
+    # reports, provenance and `graft diff` know rules by name: another rule under a pipeline
+    # rule's name would have its rewrites counted as that rule's
+    taken = {r.name: r for p in base.leaf_passes() if isinstance(p, RewritePass) for r in p.ruleset}
+    for r in ruleset:
+        if r.name in taken and taken[r.name] is not r:
+            raise RuleDefinitionError(f"rule {r.name!r} ({r.where}) has the name of a rule of pipeline "
+                                      f"{base.name!r} ({taken[r.name].where})")
     return Pipeline(base.name, [*base.passes, RewritePass(ruleset, name)], doc=base.doc)
 
 

@@ -1,20 +1,13 @@
 """``graft compile IN -o OUT``: run a pipeline (and user rules), verify, write atomically, report."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from compiler.cli import main
 from compiler.cli._errors import fail, parse_dims
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+from compiler.cli._output_path import check_output_path
 
 
 def _input_path(arg: str) -> Path:
@@ -32,21 +25,29 @@ def _input_path(arg: str) -> Path:
 
 
 @main.command("compile")
-@click.argument("model", metavar="IN")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX result.")
+@click.argument("model", metavar="IN", required=False)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the result: ONNX, or a torch.save'd GraphModule with --target torch.")
+@click.option("--torch", "torch_spec", metavar="PKG.MODULE:FACTORY",
+              help="Compile a torch model: FACTORY() returns a module or (module, example_inputs); replaces IN.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
+              help="Example input of the --torch model, e.g. 1x3x224x224 or 2x16:int64 (one per input, in order).")
+@click.option("--target", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
+              help="Output: an ONNX model, or a torch.fx.GraphModule (load with ir.torch_backend.load_module).")
 @click.option("--pipeline", default="optimize", show_default=True,
               help="Named pipeline (see `graft rules`); 'none' runs only --rules.")
 @click.option("--rules", "rule_files", multiple=True, metavar="FILE",
               help="Python file of compiler.Rule objects (or a RULES list), run after the pipeline (repeatable).")
 @click.option("--no-verify", is_flag=True,
               help="Skip the numeric comparison with the input model (structural checks still run).")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest absolute output difference accepted.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
               help="Size of a named symbolic input dim for verification (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary, only errors.")
-def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, ...], no_verify: bool,
-                atol: float, dims: tuple[str, ...], quiet: bool) -> None:
+def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_shapes: tuple[str, ...], target: str,
+                pipeline: str, rule_files: tuple[str, ...], no_verify: bool, atol: float, dims: tuple[str, ...],
+                quiet: bool) -> None:
     """Compile IN (an .onnx file or a zoo name: ppocr-cls, ppocr-det, ppocr-rec, minilm) into OUT.
 
     Loads IN (onnx.checker), runs the pipeline and any --rules, checks the result
@@ -59,14 +60,27 @@ def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, .
     from compiler.passes import get_pipeline
     from compiler.rewriter import RuleError
     from compiler.rule import RuleDefinitionError
-    from compiler.user_rules import UserRuleFileError, load_rule_files
+    from compiler.user_rules import UserRuleFileError, load_rule_files, user_frame
     from ir import IRError, ModelLoadError
 
     dim_sizes = parse_dims(dims)
-    src = _input_path(model)
     out = Path(output)
-    if out.resolve() == src.resolve() or _same_file(out, src):
-        fail(f"{output}: is the input model; refusing to overwrite it (choose another -o path)")
+    example_inputs = None
+    if torch_spec:
+        if model:
+            fail(f"give either IN ({model}) or --torch {torch_spec}, not both")
+        from compiler.cli._torch_input import torch_model
+
+        model, example_inputs = torch_model(torch_spec, input_shapes)
+        label = torch_spec
+    else:
+        if not model:
+            fail("missing IN: give an .onnx file, a zoo name, or --torch package.module:factory")
+        if input_shapes:
+            fail("--input-shape is for --torch models (an ONNX model's inputs are typed; use --dim NAME=SIZE)")
+        src = _input_path(model)
+        label = model
+    check_output_path(output, None if torch_spec else src)
     try:
         get_pipeline(pipeline)
     except KeyError as e:
@@ -75,28 +89,43 @@ def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, .
         user_rules = load_rule_files(rule_files)
     except UserRuleFileError as e:
         fail(f"{e} (fix the rule file)")
+    torch_errors = ()
+    if torch_spec:
+        from ir.torch_frontend import TorchCaptureError, TorchImportError
+
+        torch_errors = (TorchCaptureError, TorchImportError)
     try:
-        result = compile(model, pipeline=pipeline, rules=user_rules or None, verify=not no_verify,
-                         atol=atol, dim_sizes=dim_sizes)
+        result = compile(model, example_inputs, pipeline=pipeline, target=target, rules=user_rules or None,
+                         verify=not no_verify, atol=atol, dim_sizes=dim_sizes)
+    except torch_errors as e:
+        fail(f"--torch {torch_spec}: {e}")
     except ModelLoadError as e:
         msg = str(e).rstrip()
         fail(msg if msg.endswith(")") else f"{msg} (give a complete, valid ONNX model)")
     except RuleDefinitionError as e:
         fail(f"{e} (rename or drop one of the rules)")
     except RuleError as e:
-        fail(f"{model}: {e}; no output written (fix the rule, or leave it out)")
+        fail(f"{label}: {e}; no output written (fix the rule, or leave it out)")
     except NumericMismatchError as e:
         if not quiet and e.result is not None:
             from compiler.report import render
 
             render(e.result)
-        fail(f"{model}: {e} (no output written; fix the rule, or pass --no-verify to write it anyway)")
+        fail(f"{label}: {e} (no output written; fix the rule, or pass --no-verify to write it anyway)")
     except InvalidOutputError as e:
-        fail(f"{model}: {e}")
+        fail(f"{label}: {e}")
     except (CompileError, IRError) as e:
-        fail(f"{model}: {e}")
+        fail(f"{label}: {e}")
+    except SystemExit as e:  # sys.exit() in a rule's code: not a successful compile
+        where = user_frame(e)
+        fail(f"{label}: {where or 'a rule'} called sys.exit({e.code!r}) during the compile; no output written "
+             f"(rules must not exit)")
     except Exception as e:  # noqa: BLE001 — a graft bug: still one line, the traceback on request
-        fail(f"{model}: internal error {type(e).__name__}: {e} (rerun with GRAFT_DEBUG=1 for the traceback "
+        where = user_frame(e)
+        if where is not None:  # e.g. a Const/attribute predicate that raised while the matcher ran it
+            fail(f"{label}: rule code at {where} raised {type(e).__name__}: {e}; no output written (fix the rule, "
+                 f"or leave it out)")
+        fail(f"{label}: internal error {type(e).__name__}: {e} (rerun with GRAFT_DEBUG=1 for the traceback "
              f"and report it)")
     try:
         result.save(out)
@@ -107,3 +136,8 @@ def compile_cmd(model: str, output: str, pipeline: str, rule_files: tuple[str, .
 
         render(result)
         click.echo(f"wrote {output}")
+    else:
+        from compiler.report import warnings
+
+        for w in warnings(result):
+            click.echo(f"graft: warning: {w}", err=True)

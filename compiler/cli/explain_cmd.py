@@ -116,14 +116,26 @@ def explain_cmd(rule_name: str, model: str, rules_file: str | None, max_items: i
     from compiler.rewriter import explain
 
     rule = find_rule(rule_name, rules_file)
+    path = resolve_model_arg(model)
     try:
-        graph = ir.load(resolve_model_arg(model))
+        graph = ir.load(path)
     except ir.ModelLoadError as e:
+        if "topologically sorted" in str(e):  # say "cycle" when it is one, as `graft compile` does
+            from compiler.api import _check_file
+
+            try:
+                _check_file(path)
+            except ir.ModelLoadError as e2:
+                fail(str(e2))
         fail(str(e))
     try:
         hits, misses = explain(graph, rule)
     except Exception as e:  # a user rule's check may raise anything: name the rule, not a traceback
-        fail(f"rule {rule.name!r} ({rule.where}): its check raised {type(e).__name__}: {e}")
+        from compiler.user_rules import user_frame
+
+        where = user_frame(e)
+        what = f"its code at {where}" if where else "its check"
+        fail(f"rule {rule.name!r} ({rule.where}): {what} raised {type(e).__name__}: {e}")
 
     size = sum(len(list(r.walk())) for r in rule.roots)
     root = rule.roots[0]

@@ -58,6 +58,7 @@ class Group:
     Attributes:
         id: index in :attr:`Analysis.groups`.
         name: the first source node's name.
+        module: the torch module path of that node (models captured from torch), else ''.
         kind: ``channels`` (Conv outputs), ``neurons`` (MLP hidden units), ``heads``
             (attention heads), ``hidden`` (a residual stream with LayerNorm).
         classes: class ids, in the first source's order.
@@ -79,6 +80,7 @@ class Group:
     blocked: dict[int, str] = field(default_factory=dict)
     exact: dict[int, bool] = field(default_factory=dict)
     inexact: dict[int, str] = field(default_factory=dict)
+    module: str = ""
 
     @property
     def size(self) -> int:
@@ -108,8 +110,13 @@ class Analysis:
     shapes: dict[Value, tuple]
 
     def group(self, name: str) -> Group:
+        """The group whose first source node (or torch module path) is ``name``.
+
+        Raises:
+            KeyError: no such group (the message lists them).
+        """
         for g in self.groups:
-            if g.name == name:
+            if name in (g.name, g.module):
                 return g
         raise KeyError(f"no channel group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
 
@@ -279,7 +286,8 @@ def _groups(an: Analyzer) -> list[Group]:
                             list(dict.fromkeys(s.node for s in srcs)), members,
                             {c: blocked[c] for c in classes if c in blocked},
                             {c: exact.get(c, False) for c in classes},
-                            {c: inexact[c] for c in classes if c in inexact}))
+                            {c: inexact[c] for c in classes if c in inexact},
+                            str(first.node.meta.get("torch.module", ""))))
     return groups
 
 

@@ -158,6 +158,8 @@ class Leak:
         wzero: True where the weight slice reading that position is all zero.
         compensable: a known nonzero constant can be folded into the bias (no padding).
         weight_axis: the weight's input axis (for compensation), None for activation×activation.
+        weight: the weight as the op reads it (a transposed parameter already transposed).
+        out_atoms: the atoms of the op's output channels (to restrict a compensation to kept ones).
     """
 
     node: Node
@@ -166,6 +168,8 @@ class Leak:
     wzero: np.ndarray
     compensable: bool
     weight_axis: int | None
+    weight: np.ndarray | None = None
+    out_atoms: np.ndarray | None = None
 
 
 @dataclass

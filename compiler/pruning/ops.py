@@ -163,6 +163,35 @@ def h_elementwise(an: Analyzer, node: Node) -> None:
 
 
 # --------------------------------------------------------------------------- sources / contractions
+def weight_view(v) -> tuple[np.ndarray | None, tuple | None]:
+    """(the weight as the op reads it, where to slice it).
+
+    A constant is sliced where it is read (None). ``Transpose(W)`` of a constant read only
+    there (how linear layers captured from torch look) is sliced on the Transpose's input, so
+    the parameter keeps its identity: the second item is ``(transpose node, perm)``.
+    """
+    if v is None:
+        return None, None
+    arr = v.constant()
+    if arr is not None:
+        return arr, None
+    p = v.producer
+    if p is not None and p.op_type == "Transpose" and p.domain in ("", "ai.onnx") and v.num_uses == 1 \
+            and p.inputs[0] is not None and p.inputs[0].constant() is not None:
+        base = p.inputs[0].constant()
+        perm = list(p.attrs.get("perm", list(reversed(range(base.ndim)))))
+        return np.transpose(base, perm), (p, perm)
+    return None, None
+
+
+def weight_member(an: Analyzer, node: Node, i: int, view, atoms: np.ndarray, axis: int, role: str) -> None:
+    if view is None:
+        an.member(node, i, atoms, (axis,), role)
+    else:
+        tnode, perm = view
+        an.member(tnode, 0, atoms, (perm[axis],), role, kind="const")
+
+
 def _zero_slices(w: np.ndarray, axis: int) -> np.ndarray:
     """True per index of ``axis`` where the weight slice is all zero."""
     return ~np.any(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) != 0, axis=1)
@@ -194,10 +223,14 @@ def h_conv(an: Analyzer, node: Node) -> None:
     b_or_0 = bias.astype(np.float64) if bias is not None else np.zeros(c_out)
     e = an.edit(node, "conv")
     if group == 1:
+        leak = None
         if lay is not None:
             an.member(node, 1, lay.atoms, (1,), "consumer")
-            an.leaks.append(Leak(node, lay.atoms, lay.cval, _zero_slices(wt, 1), _no_padding(node), 1))
+            leak = Leak(node, lay.atoms, lay.cval, _zero_slices(wt, 1), _no_padding(node), 1, wt)
+            an.leaks.append(leak)
         atoms = an.cls.new(c_out)
+        if leak is not None:
+            leak.out_atoms = atoms
         cval = np.where(_zero_slices(wt, 0), b_or_0, np.nan)
         an.member(node, 1, atoms, (0,), "producer")
         if b is not None:
@@ -233,27 +266,31 @@ def h_conv(an: Analyzer, node: Node) -> None:
 
 
 def h_gemm(an: Analyzer, node: Node) -> None:
-    a_in, w = node.inputs[0], node.inputs[1]
+    a_in = node.inputs[0]
     c = node.inputs[2] if len(node.inputs) > 2 else None
     lay = an.layout(a_in)
-    wt = w.constant() if w is not None else None
+    wt, view = weight_view(node.inputs[1])
     trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
     cc = c.constant() if c is not None else None
     if wt is None or wt.ndim != 2 or (c is not None and cc is None):
         if lay is not None:
             an.block(lay.atoms, f"{_where(node)} has a B or C input that is not a constant")
         return
+    leak = None
     if lay is not None:
         if trans_a or lay.axes != (1,):
             an.block(lay.atoms, f"{_where(node)} reads the channels transposed (transA=1)")
         else:
             k_axis = 1 if trans_b else 0
-            an.member(node, 1, lay.atoms, (k_axis,), "consumer")
-            an.leaks.append(Leak(node, lay.atoms, lay.cval, _zero_slices(wt, k_axis), True, k_axis))
+            weight_member(an, node, 1, view, lay.atoms, k_axis, "consumer")
+            leak = Leak(node, lay.atoms, lay.cval, _zero_slices(wt, k_axis), True, k_axis, wt)
+            an.leaks.append(leak)
     n_axis = 0 if trans_b else 1
     n = wt.shape[n_axis]
     atoms = an.cls.new(n)
-    an.member(node, 1, atoms, (n_axis,), "producer")
+    if leak is not None:
+        leak.out_atoms = atoms
+    weight_member(an, node, 1, view, atoms, n_axis, "producer")
     cval = np.where(_zero_slices(wt, n_axis), 0.0, np.nan)
     if cc is not None:
         beta = float(node.attrs.get("beta", 1.0))
@@ -272,21 +309,25 @@ def h_gemm(an: Analyzer, node: Node) -> None:
 def h_matmul(an: Analyzer, node: Node) -> None:
     a_in, b_in = node.inputs
     la, lb = an.layout(a_in), an.layout(b_in)
-    wt = b_in.constant()
+    wt, view = weight_view(b_in)
     out = node.outputs[0]
     sa, sb, so = an.shape(a_in), an.shape(b_in), an.shape(out)
     if sa is None or sb is None or so is None:
         an.block_inputs(node, f"{_where(node)} has operands of unknown shape")
         return
     if wt is not None and wt.ndim == 2 and len(sa) >= 2:
+        leak = None
         if la is not None:
             if la.axes != (len(sa) - 1,):
                 an.block(la.atoms, f"{_where(node)} multiplies a constant weight with channels on axes {la.axes}")
             else:
-                an.member(node, 1, la.atoms, (0,), "consumer")
-                an.leaks.append(Leak(node, la.atoms, la.cval, _zero_slices(wt, 0), True, 0))
+                weight_member(an, node, 1, view, la.atoms, 0, "consumer")
+                leak = Leak(node, la.atoms, la.cval, _zero_slices(wt, 0), True, 0, wt)
+                an.leaks.append(leak)
         atoms = an.cls.new(wt.shape[1])
-        an.member(node, 1, atoms, (1,), "producer")
+        if leak is not None:
+            leak.out_atoms = atoms
+        weight_member(an, node, 1, view, atoms, 1, "producer")
         an.source(node, atoms, "linear")
         an.set_layout(out, Layout((len(so) - 1,), atoms, np.where(_zero_slices(wt, 1), 0.0, np.nan)))
         return

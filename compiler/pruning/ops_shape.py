@@ -64,6 +64,13 @@ def map_reshape(an: Analyzer, node: Node, lay: Layout, ish: tuple, osh: tuple) -
         an.block(lay.atoms, f"{_where(node)}: cannot match {list(ish)} to {list(osh)}")
         return None
     seg = [s for s in segs if any(a in lay.axes for a in s[0])]
+    moved = {}
+    for ia, oa in seg:  # axes that only move (same size, maybe with 1s around): remap them
+        ia1, oa1 = [i for i in ia if ish[i] > 1], [o for o in oa if osh[o] > 1]
+        if len(ia1) == 1 and len(oa1) == 1 and ia1[0] in lay.axes:
+            moved[ia1[0]] = oa1[0]
+    if len(moved) == len(lay.axes):
+        return Layout(tuple(moved[a] for a in lay.axes), lay.atoms, lay.cval)
     if len(seg) != 1 or any(a not in seg[0][0] for a in lay.axes):
         an.block(lay.atoms, f"{_where(node)} spreads the channel axes {lay.axes} over several output axes")
         return None

@@ -14,6 +14,7 @@ Default sizes: a symbolic dim at axis 0 of a graph input is the batch and gets 1
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -81,9 +82,11 @@ def static_shapes(model: Model, dim_sizes: dict[str, int] | None = None) -> dict
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # data propagation fails on a few exporter graphs: plain inference still helps
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
-    types = {}
+    types, elem = {}, {}
     for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is not None and tt.elem_type:
+            elem[vi.name] = tt.elem_type
         if tt is None or not tt.HasField("shape"):
             continue
         dims = []
@@ -111,7 +114,38 @@ def static_shapes(model: Model, dim_sizes: dict[str, int] | None = None) -> dict
                 out[o] = tuple(arr.shape)
             elif o.name in types:
                 out[o] = types[o.name]
+    missing = [o for n in graph for o in n.outputs if o.name and o not in out and o.name in elem]
+    if missing:
+        out.update(_run_for_shapes(model, sizes, missing, elem))
     return out
+
+
+def _run_for_shapes(model: Model, sizes: dict, values: list, elem: dict) -> dict:
+    """Shapes inference could not give, read off one onnxruntime run on random inputs of the given sizes.
+
+    Exporters compute reshape targets with ops data propagation does not follow (a Cast
+    inside ``Shape → Slice → Concat``); running the graph is the reliable way.
+    """
+    from compiler import numeric
+
+    proto = to_onnx(model)
+    g = proto.graph
+    for vi in g.input:
+        if vi.name in sizes:
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in sizes[vi.name]:
+                shape.dim.add().dim_value = int(d)
+    known = {o.name for o in g.output}
+    for v in values:
+        if v.name not in known:
+            g.output.append(helper.make_tensor_value_info(v.name, elem[v.name], None))
+    try:
+        feeds = numeric.make_inputs(proto, seed=0)
+        got = numeric.run(proto, feeds)
+    except Exception:  # noqa: BLE001 - a model ORT cannot run keeps those shapes unknown
+        return {}
+    return {v: tuple(int(d) for d in np.shape(got[v.name])) for v in values if v.name in got}
 
 
 def _strip(g: onnx.GraphProto) -> None:

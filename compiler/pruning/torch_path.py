@@ -1,0 +1,97 @@
+"""Pruning torch models: capture → lower to ONNX ops → prune → a smaller, trainable GraphModule.
+
+::
+
+    from compiler.pruning.torch_path import prune_torch
+    gm, report = prune_torch(model, (x,), PruneConfig(ratio=0.5))
+    gm.train(); loss = gm(x).sum(); loss.backward()          # fine-tune as usual
+
+The GraphModule's parameters keep the source model's state_dict keys (pruned to their
+new shapes). For a transformers model the report's ``config_updates`` gives the new
+``num_attention_heads`` / ``intermediate_size`` / ``hidden_size`` when every layer
+shrank alike, and ``gm.config`` is a copy of the model's config with them applied;
+the per-group counts are in the report when layers differ (global ratio).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from compiler.pruning.api import REPORT_KEY, PruneConfig, prune_pipeline
+
+
+def prune_torch(module, example_inputs, config: PruneConfig | None = None, *, example_kwargs: dict | None = None,
+                dynamic_shapes=None, check: bool = True, **kw):
+    """Prune a ``torch.nn.Module`` (or GraphModule) and return ``(GraphModule, PruneReport)``.
+
+    Args:
+        module: the model (captured in eval mode with ``ir.from_torch``).
+        example_inputs: positional inputs (a tensor or a tuple) used to capture it.
+        config: the request (keywords build one).
+        check: run both models on ``example_inputs`` and record the output deviation.
+
+    Raises:
+        ir.torch_frontend.TorchCaptureError: the model cannot be captured.
+        PruneError / SelectionError: see :func:`compiler.pruning.prune`.
+    """
+    import torch
+
+    import ir
+    from rules.lower_aten_pipeline import lower_aten
+
+    config = config or PruneConfig(**kw)
+    config.validate()
+    model = ir.from_torch(module, example_inputs, dynamic_shapes, example_kwargs=example_kwargs)
+    lower_aten()(model)
+    prune_pipeline(config)(model)
+    report = model.meta[REPORT_KEY]
+    gm = ir.to_torch(model, class_name=f"Pruned{type(module).__name__}")
+    hf = getattr(module, "config", None)
+    if hf is not None:
+        report.config_updates = transformer_config_updates(report, hf)
+        gm.config = copy.deepcopy(hf)
+        for k, v in report.config_updates.items():
+            setattr(gm.config, k, v)
+    gm.graft_prune_report = report
+    if check:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        with torch.no_grad():
+            ref = _flatten(module(*args, **(example_kwargs or {})))
+            got = _flatten(gm(*args, *(example_kwargs or {}).values()))
+        from compiler.numeric import agreement
+
+        report.deviation = [agreement(a.detach().numpy(), b.detach().numpy(), f"output{i}")
+                            for i, (a, b) in enumerate(zip(ref, got))]
+    return gm, report
+
+
+def _flatten(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [y for x in out for y in _flatten(x)]
+    if isinstance(out, dict):
+        return [y for x in out.values() for y in _flatten(x)]
+    if hasattr(out, "to_tuple"):
+        return _flatten(out.to_tuple())
+    return [out]
+
+
+def transformer_config_updates(report, hf_config) -> dict:
+    """Config fields implied by the pruned shapes, when uniform across layers.
+
+    ``num_attention_heads`` from the head groups, ``intermediate_size`` from the MLP
+    neuron groups (groups of ``intermediate_size`` neurons), ``hidden_size`` from the
+    residual group. A field is left out when layers differ (it cannot describe them).
+    """
+    out = {}
+    heads = [g for g in report.groups if g.kind == "heads"]
+    if heads and len({g.kept for g in heads}) == 1 and getattr(hf_config, "num_attention_heads", None):
+        out["num_attention_heads"] = heads[0].kept
+    inter = getattr(hf_config, "intermediate_size", None)
+    mlp = [g for g in report.groups if g.kind == "neurons" and g.size == inter]
+    if mlp and len({g.kept for g in mlp}) == 1:
+        out["intermediate_size"] = mlp[0].kept
+    hidden = [g for g in report.groups if g.kind == "hidden" and g.size == getattr(hf_config, "hidden_size", -1)]
+    if len(hidden) == 1 and hidden[0].removed:
+        out["hidden_size"] = hidden[0].kept
+    return {k: int(v) for k, v in out.items() if isinstance(v, (int, np.integer))}

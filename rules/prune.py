@@ -1,0 +1,244 @@
+"""Structured-pruning removal rules: physically drop the channels, heads and neurons a plan removes.
+
+The plan (``compiler.pruning.plan``, in ``model.meta["graft.prune_plan"]``) is the
+context: the channel-dependency analysis decided, per node, which indices of which
+axis of each constant input survive. Each rule rebuilds one node with its constant
+inputs sliced (``W' = W[keep_out][:, keep_in]``), so the model really shrinks:
+
+- prune_conv: Conv weight rows (output channels) and columns (input channels), bias;
+  ``group`` of a depthwise / grouped Conv becomes kept channels / channels per group;
+  bias compensation ``b' = b + sum_{c removed} v_c * sum_k W[:, c, k]`` for removed inputs
+  that held a known constant ``v_c`` (exact: ONNX Conv-11 without padding is linear in
+  each input channel, and a constant channel contributes a constant per output).
+- prune_gemm / prune_matmul: weight columns (output neurons) and rows (inputs), Gemm's C;
+  compensation ``C' = C + alpha * v @ B'[removed]`` / ``y' = x' W' + v @ W[removed]``.
+- prune_norm: BatchNormalization scale/B/mean/var, InstanceNormalization and
+  LayerNormalization scale/bias, per kept channel.
+- prune_embedding: Gather from a constant table (embedding columns).
+- prune_split: new ``split`` sizes on the channel axis (explicit sizes replace ``num_outputs``).
+- prune_slice: new starts/ends on the channel axis: ``s' = #kept before s``, ``e' = s' + #kept in [s, e)``.
+- prune_reshape / prune_shape_literal: target-shape literals that name a channel
+  count (a head count) become the kept count, in the Reshape's constant or in the
+  constant piece of the Concat that builds it.
+- prune_constant_operand: any other node's constant operand (a broadcast bias, a
+  class token, a position embedding, PRelu slopes) sliced along the channel axes.
+
+Every rule refuses nodes the plan does not name, so a pruned node is never pruned twice.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compiler import Rule, Var, op
+from compiler.pruning.plan import plan_of
+
+x, w, b, c = Var("x"), Var("w"), Var("b"), Var("c")
+
+
+def _edit(m, node):
+    plan = plan_of(node.graph.model if node.graph is not None else None)
+    return None if plan is None else plan.edits.get(node)
+
+
+def _check(name):
+    def check(m):
+        node = getattr(m, name)
+        if _edit(m, node) is None:
+            return m.fail(f"{node.op_type} node {node.name!r} is not in the pruning plan", node)
+        return None
+    check.__name__ = f"check_{name}"
+    return check
+
+
+def _sliced(op, node, pe, i, extra=None):
+    """Input ``i`` of ``node`` with the plan's slices applied (a new constant), or the input itself."""
+    v = node.inputs[i] if i < len(node.inputs) else None
+    cuts = pe.slices.get(i)
+    if v is None or (not cuts and extra is None):
+        return v
+    arr = np.asarray(v.constant())
+    if extra is not None:
+        arr = extra(arr)
+    for axis, keep in cuts or []:
+        arr = np.take(arr, keep, axis=axis)
+    return _derived(op.const(arr.astype(v.constant().dtype), name=f"{v.name}_pruned"), v)
+
+
+def _derived(new, old):
+    """Mark ``new`` as the pruned form of ``old`` (finish() gives it back the old name, and a torch
+    parameter stays a parameter under its state_dict key)."""
+    new.meta["graft.pruned_from"] = old.name
+    for k in ("torch.kind", "torch.fqn"):
+        if k in old.meta:
+            new.meta[k] = old.meta[k]
+    return new
+
+
+def _rebuild(op, node, inputs, attrs=None):
+    attrs = {**node.attrs, **(attrs or {})}
+    builder = op if node.domain in ("", "ai.onnx") else op.domain(node.domain)
+    return getattr(builder, node.op_type)(*inputs, _outputs=len(node.outputs), _name=node.name or node.op_type,
+                                          **attrs)
+
+
+def _dtype(v):
+    """numpy dtype of value ``v`` (float32 when unknown)."""
+    arr = v.constant() if v is not None else None
+    if arr is not None:
+        return arr.dtype
+    return v.dtype.to_numpy() if v is not None and v.dtype is not None else np.dtype(np.float32)
+
+
+# ---------------------------------------------------------------- Conv
+def conv_replacement(op, m):
+    """Conv with kept output/input channels, new group, compensated bias."""
+    node = m.conv
+    pe = _edit(m, node)
+    ins = [m[x], _sliced(op, node, pe, 1)]
+    bias = _sliced(op, node, pe, 2) if len(node.inputs) > 2 else None
+    if pe.bias_delta is not None:
+        delta, dtype = pe.bias_delta, _dtype(node.inputs[1])
+        base = bias.constant() if bias is not None else np.zeros(len(delta), dtype=dtype)
+        bias = op.const((base.astype(np.float64) + delta).astype(dtype), name=f"{node.name}_bias_pruned")
+    if bias is not None:
+        ins.append(bias)
+    return _rebuild(op, node, ins, pe.attrs)
+
+
+prune_conv = Rule("prune_conv", op.Conv(x, w, op.optional(b), name="conv"), conv_replacement,
+                  check=_check("conv"))
+
+
+# ---------------------------------------------------------------- Gemm / MatMul
+def gemm_replacement(op, m):
+    """Gemm with kept rows/columns of B and C, compensated C."""
+    node = m.gemm
+    pe = _edit(m, node)
+    ins = [m[x], _sliced(op, node, pe, 1)]
+    cc = _sliced(op, node, pe, 2) if len(node.inputs) > 2 else None
+    attrs = dict(pe.attrs)
+    if pe.bias_delta is not None:
+        delta, dtype = pe.bias_delta, _dtype(node.inputs[1])
+        beta = float(node.attrs.get("beta", 1.0))
+        base = beta * cc.constant().astype(np.float64) if cc is not None else np.zeros(1)
+        cc = op.const((base + delta).astype(dtype), name=f"{node.name}_c_pruned")
+        attrs["beta"] = 1.0
+    if cc is not None:
+        ins.append(cc)
+    return _rebuild(op, node, ins, attrs)
+
+
+def matmul_replacement(op, m):
+    """MatMul with kept weight rows/columns (+ compensation Add)."""
+    node = m.matmul
+    pe = _edit(m, node)
+    y = _rebuild(op, node, [m[x], _sliced(op, node, pe, 1)])
+    if pe.bias_delta is None:
+        return y
+    return op.Add(y, op.const(pe.bias_delta.astype(_dtype(node.inputs[1])), name=f"{node.name}_compensation"))
+
+
+prune_gemm = Rule("prune_gemm", op.Gemm(x, w, op.optional(c), name="gemm"), gemm_replacement, check=_check("gemm"))
+prune_matmul = Rule("prune_matmul", op.MatMul(x, w, name="matmul"), matmul_replacement, check=_check("matmul"))
+
+
+# ---------------------------------------------------------------- normalizations, embeddings
+def _all_sliced(op, m):
+    """The node with every planned constant input sliced (and shape literals replaced)."""
+    node = m.node
+    pe = _edit(m, node)
+    ins = [_sliced(op, node, pe, i) for i in range(len(node.inputs))]
+    for i in sorted({i for i, _ in pe.literals}):
+        arr = np.array(node.inputs[i].constant()).copy()
+        for (j, k), value in pe.literals.items():
+            if j == i:
+                arr.flat[k] = value
+        ins[i] = op.const(arr, name=f"{node.inputs[i].name}_pruned")
+    return _rebuild(op, node, ins, pe.attrs)
+
+
+def _kinds(*ops):
+    def where(node):
+        if node.op_type not in ops:
+            return False
+        plan = plan_of(node.graph.model if node.graph is not None else None)
+        return plan is not None and node in plan.edits
+    return where
+
+
+prune_norm = Rule("prune_norm", op.any_op(name="node", where=_kinds("BatchNormalization", "InstanceNormalization",
+                                                                     "LayerNormalization")), _all_sliced)
+prune_embedding = Rule("prune_embedding", op.any_op(name="node", where=_kinds("Gather")), _all_sliced)
+
+
+# ---------------------------------------------------------------- Split / Slice / Reshape
+def split_replacement(op, m):
+    """Split with sizes counting the kept channels of each part."""
+    node = m.node
+    pe = _edit(m, node)
+    attrs = {k: v for k, v in node.attrs.items() if k != "num_outputs"}
+    sizes = np.array(pe.split, dtype=np.int64)
+    if m.opset >= 13:
+        ins = [node.inputs[0], op.const(sizes, name=f"{node.name}_split")]
+    else:
+        ins, attrs["split"] = [node.inputs[0]], sizes.tolist()
+    builder = op
+    return builder.Split(*ins, _outputs=len(node.outputs), _name=node.name or "Split", **attrs)
+
+
+def slice_replacement(op, m):
+    """Slice with its channel-axis bounds moved to the kept positions."""
+    node = m.node
+    pe = _edit(m, node)
+    if m.opset < 10:
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        for k, (s, e, _) in pe.slice_bounds.items():
+            starts[k], ends[k] = s, e
+        return _rebuild(op, node, [node.inputs[0]], {"starts": starts, "ends": ends})
+    starts = np.array(node.inputs[1].constant(), dtype=np.int64).copy()
+    ends = np.array(node.inputs[2].constant(), dtype=np.int64).copy()
+    for k, (s, e, _) in pe.slice_bounds.items():
+        starts.flat[k], ends.flat[k] = s, e
+    dtype = node.inputs[1].constant().dtype
+    ins = [node.inputs[0], op.const(starts.astype(dtype), name=f"{node.name}_starts"),
+           op.const(ends.astype(node.inputs[2].constant().dtype), name=f"{node.name}_ends"), *node.inputs[3:]]
+    return _rebuild(op, node, ins)
+
+
+def reshape_replacement(op, m):
+    """Reshape whose constant target names the kept channel counts."""
+    node = m.node
+    pe = _edit(m, node)
+    return _rebuild(op, node, [node.inputs[0], op.const(pe.shape, name=f"{node.name}_shape")])
+
+
+def _planned(kind):
+    def where(node):
+        plan = plan_of(node.graph.model if node.graph is not None else None)
+        pe = None if plan is None else plan.edits.get(node)
+        if pe is None:
+            return False
+        if kind == "split":
+            return pe.split is not None
+        if kind == "slice":
+            return bool(pe.slice_bounds)
+        if kind == "reshape":
+            return pe.shape is not None
+        if kind == "shape_literal":
+            return pe.kind == "shape_literal" and bool(pe.literals or pe.slices)
+        return pe.kind == "const" and bool(pe.slices or pe.literals)
+    return where
+
+
+prune_split = Rule("prune_split", op.any_op(name="node", where=lambda n: n.op_type == "Split" and _planned("split")(n)),
+                   split_replacement)
+prune_slice = Rule("prune_slice", op.any_op(name="node", where=lambda n: n.op_type == "Slice" and _planned("slice")(n)),
+                   slice_replacement)
+prune_reshape = Rule("prune_reshape", op.any_op(name="node", where=lambda n: n.op_type == "Reshape" and
+                                                _planned("reshape")(n)), reshape_replacement)
+prune_shape_literal = Rule("prune_shape_literal", op.any_op(name="node", where=lambda n: n.op_type == "Concat" and
+                                                            _planned("shape_literal")(n)), _all_sliced)
+prune_constant_operand = Rule("prune_constant_operand", op.any_op(name="node", where=_planned("const")), _all_sliced)
+
+RULES = [prune_conv, prune_gemm, prune_matmul, prune_norm, prune_embedding, prune_split, prune_slice, prune_reshape,
+         prune_shape_literal, prune_constant_operand]

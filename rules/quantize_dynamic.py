@@ -1,0 +1,148 @@
+"""Dynamic int8 quantization: int8 weights ahead of time, activations quantized at run time.
+
+For y = x W with W (K, N) constant (ONNX MatMul-13; Gemm-13 likewise):
+    (q_x, s_x, z_x) = DynamicQuantizeLinear(x)                 uint8, per tensor, from x's own min/max
+    q_W = round(W / s_W),  s_W[n] = max_k |W[k, n]| / 127      int8 symmetric, per output column n
+    y ≈ s_x * s_W[n] * Σ_k (q_x[k] - z_x) q_W[k, n] = Cast(MatMulInteger(q_x, q_W, z_x, 0)) * (s_x * s_W)
+(DynamicQuantizeLinear-11, MatMulInteger-10.) onnxruntime fuses the chain into
+DynamicQuantizeMatMul / MatMulIntegerToFloat; this is the graph its own
+``quantize_dynamic`` writes, with per-channel weight scales.
+
+Embedding tables (Gather(W, ids) with W constant, axis 0) become
+    Gather(W, ids) = DQ(Gather(q_W, ids), s_W)                 per-tensor int8 (DQ commutes with Gather)
+so the table is stored as int8.
+
+SmoothQuant (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training
+Quantization for Large Language Models", §4): for an activation x with outlier channels,
+    x W = (x / s) (diag(s) W),   s_k = max|x_k|^α / max|W_k|^(1-α)
+moves the outliers' range from the activation (quantized per tensor at run time) into the
+weight rows (quantized per column, ahead of time). ``smooth_matmul_input`` applies the
+divisor ``ctx.smoothing[x]`` chosen by the driver; readers of the same x share one Mul.
+
+Rules: :func:`dynamic_rules` (bound to a :class:`~compiler.quantization.context.QuantContext`),
+:func:`smoothing_rules`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compiler import Const, Rule, Var, op
+from compiler.quantization.context import QuantContext
+from ir.dtypes import DataType
+from rules.quantize_common import float_activation, is_float_weight, reemit, weight_consts
+
+
+def _int_matmul(op, x, qv, zv, sv, hint: str):
+    xq, xs, xz = op.DynamicQuantizeLinear(x, _outputs=3, _name=f"{hint}_DynamicQuantizeLinear")
+    acc = op.MatMulInteger(xq, qv, xz, zv, _name=f"{hint}_MatMulInteger")
+    scale = op.Mul(xs, sv, _name=f"{hint}_scales")
+    return op.Mul(op.Cast(acc, to=int(DataType.FLOAT), _name=f"{hint}_Cast"), scale, _name=f"{hint}_rescale")
+
+
+def dynamic_rules(ctx: QuantContext) -> list[Rule]:
+    """MatMul / Gemm with constant weights → dynamic int8; Gather embeddings → int8 table."""
+    x, b, ids = Var("x"), Const("b"), Var("ids")
+    w = Const("w", where=is_float_weight)
+
+    def _check(m, node, w_arr):
+        why = ctx.why_not(node)
+        if why:
+            return m.fail(why, node)
+        if w_arr.ndim != 2:
+            return m.fail(f"weight has rank {w_arr.ndim}; only 2-D weights are quantized", node)
+        if w_arr.size < ctx.min_weight_elements:
+            return m.fail(f"weight has {w_arr.size} elements, fewer than min_weight_elements="
+                          f"{ctx.min_weight_elements}", node)
+        if not float_activation(m[x]) or (m[x].dtype is not None and m[x].dtype != DataType.FLOAT):
+            return m.fail("the activation is not float32 (DynamicQuantizeLinear reads float32)", node)
+
+    def matmul_check(m):
+        return _check(m, m.matmul, m[w])
+
+    def matmul_replacement(op, m):
+        """MatMul(x, W) -> Cast(MatMulInteger(DynamicQuantizeLinear(x), int8 W)) * (s_x * s_W)."""
+        qv, sv, zv, _ = weight_consts(op, ctx, m.value(w), 1 if ctx.per_channel else None)
+        y = _int_matmul(op, m[x], qv, zv, sv, m.matmul.name)
+        y.producer.meta["_graft.qname"] = m.matmul.meta.get("_graft.qname", m.matmul.name)
+        return y
+
+    dynamic_quantize_matmul = Rule("dynamic_quantize_matmul", op.MatMul(x, w, name="matmul"), matmul_replacement,
+                                   check=matmul_check)
+
+    def gemm_check(m):
+        if m.gemm.attrs.get("transA", 0):
+            return m.fail("Gemm with transA=1", m.gemm)
+        return _check(m, m.gemm, m[w])
+
+    def gemm_replacement(op, m):
+        """Gemm(x, W, C) -> alpha * dynamic-int8 x op(W) + beta * C."""
+        attrs = m.gemm.attrs
+        trans = bool(attrs.get("transB", 0))
+        qv, sv, zv, _ = weight_consts(op, ctx, m.value(w), 1 if ctx.per_channel else None, transpose=trans)
+        y = _int_matmul(op, m[x], qv, zv, sv, m.gemm.name)
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        if alpha != 1.0:
+            y = op.Mul(y, np.array(alpha, np.float32))
+        c = m.get(b)
+        if c is not None:
+            y = op.Add(y, op.const((c.astype(np.float64) * beta).astype(np.float32), name=f"{m.gemm.name}_bias"),
+                       _name=f"{m.gemm.name}_bias_add")
+        return y
+
+    dynamic_quantize_gemm = Rule("dynamic_quantize_gemm", op.Gemm(x, w, op.optional(b), name="gemm"),
+                                 gemm_replacement, check=gemm_check)
+
+    def gather_check(m):
+        why = ctx.why_not(m.gather)
+        if why:
+            return m.fail(why, m.gather)
+        if m.gather.attrs.get("axis", 0) != 0 or m[w].ndim != 2:
+            return m.fail("only 2-D tables gathered on axis 0 are quantized", m.gather)
+        if m[w].size < ctx.min_weight_elements:
+            return m.fail(f"table has {m[w].size} elements, fewer than min_weight_elements="
+                          f"{ctx.min_weight_elements}", m.gather)
+
+    def gather_replacement(op, m):
+        """Gather(W, ids) -> DQ(Gather(int8 W, ids), s_W)."""
+        qv, sv, zv, _ = weight_consts(op, ctx, m.value(w), None)
+        rows = op.Gather(qv, m[ids], axis=0, _name=m.gather.name)
+        return op.DequantizeLinear(rows, sv, zv, _name=f"{m.gather.name}_DequantizeLinear")
+
+    quantize_embedding = Rule("quantize_embedding", op.Gather(w, ids, name="gather"), gather_replacement,
+                              check=gather_check)
+    return [dynamic_quantize_matmul, dynamic_quantize_gemm, quantize_embedding]
+
+
+def smoothing_rules(ctx: QuantContext) -> list[Rule]:
+    """SmoothQuant: MatMul(x, W) -> MatMul(x * (1/s), diag(s) W) for x in ``ctx.smoothing``."""
+    x = Var("x", where=lambda v: v.name in ctx.smoothing)
+    w = Const("w", where=is_float_weight)
+    shared: dict[str, object] = {}
+
+    def check(m):
+        why = ctx.why_not(m.matmul)
+        if why:
+            return m.fail(why, m.matmul)
+        s = ctx.smoothing[m[x].name]
+        if m[w].ndim != 2 or m[w].shape[0] != s.shape[0]:
+            return m.fail(f"weight shape {m[w].shape} does not match the smoothing vector ({s.shape[0]})", m.matmul)
+
+    def replacement(op, m):
+        """MatMul(x, W) -> MatMul(x * (1/s), s[:, None] * W)."""
+        name = m[x].name
+        s = ctx.smoothing[name].astype(np.float64)
+        prev = shared.get(name)
+        if prev is not None and prev.graph is not None:
+            xs = prev
+        else:
+            xs = op.Mul(m[x], op.const((1.0 / s).astype(np.float32), name=f"{name}_smooth_inv"),
+                        _name=f"{name}_smooth")
+            shared[name] = xs
+        w2 = (m[w].astype(np.float64) * s[:, None]).astype(m[w].dtype)
+        return reemit(op, m.matmul, [xs, op.const(w2, name=f"{m.value(w).name}_smoothed")])
+
+    smooth = Rule("smooth_matmul_input", op.MatMul(x, w, name="matmul"), replacement, check=check)
+    return [smooth]
+
+
+RULES: list[Rule] = []  # dynamic rules need a context (selection, schemes): see dynamic_rules(ctx)
