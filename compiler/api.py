@@ -25,6 +25,7 @@ from typing import Any
 import onnx
 
 import ir
+from ir._gc import gc_paused
 from compiler.blame import Blame, rules_failing_checker, rules_in_message
 from compiler.numeric import OutputAgreement
 from compiler.passes import PassRecord, Pipeline
@@ -33,7 +34,7 @@ from compiler.verification import (OutputDoesNotRun, UnloweredOps, Verification,
                                    default_dim_sizes, one_line, symbolic_dims, verify_onnx, verify_torch)
 
 __all__ = ["CompileError", "CompileResult", "InvalidOutputError", "ModelStats", "NumericMismatchError", "Verification",
-           "compile", "default_dim_sizes", "model_stats"]
+           "compile", "default_dim_sizes", "model_stats", "unknown_dims"]
 
 
 class CompileError(Exception):
@@ -124,6 +125,7 @@ class CompileResult:
     verification: Verification
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    prune: Any = None  # compiler.pruning.PruneReport when compiled with prune=...
 
     @property
     def outputs(self) -> list[OutputAgreement]:
@@ -255,9 +257,10 @@ def _from_proto(proto, where):
 
 
 # --------------------------------------------------------------------------- compile
+@gc_paused()  # the IR is a big cyclic object graph: keep the cyclic GC out of the compile (ir/_gc.py)
 def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None = "optimize", target: str = "onnx",
             rules=None, verify: bool = True, atol: float = 1e-4, dim_sizes: dict[str, int] | None = None, *,
-            rtol: float = 0.0, seed: int = 0) -> CompileResult:
+            rtol: float = 0.0, seed: int = 0, prune=None) -> CompileResult:
     """Compile a model with a pipeline (plus optional user rules) and check the result.
 
     Args:
@@ -275,8 +278,12 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             (``ir.verify`` and ``onnx.checker`` full_check) run always.
         atol, rtol: an output passes when its max abs error <= atol or max rel error <= rtol.
         dim_sizes: sizes for named symbolic input dims (``dim_param``), e.g. ``{"batch": 1, "seq": 128}``.
-            A name no graph input has raises :class:`CompileError`.
+            A name no graph input has is ignored with a note in ``result.notes`` (:func:`unknown_dims`).
         seed: seed of the generated inputs.
+        prune: structured pruning before the pipeline: a :class:`compiler.pruning.PruneConfig` or a
+            ratio in [0, 1). Pruning with a ratio changes the outputs by design: their deviation is
+            reported (``result.prune.deviation``) instead of failing verification; zero-only pruning
+            (``PruneConfig(zero_only=True)``) is verified like any rewrite.
 
     Returns:
         a :class:`CompileResult`.
@@ -308,6 +315,11 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     pipe = with_user_rules(pipeline, rules)  # fail on a bad pipeline name before loading anything
+    if prune is not None:  # pruning runs first, on the cleaned model, before BatchNormalization is folded
+        from compiler.pruning.api import as_config, prune_pipeline
+
+        prune = as_config(prune, dim_sizes)
+        pipe = Pipeline(pipe.name, [prune_pipeline(prune), *pipe.passes], doc=pipe.doc)
     t = time.perf_counter()
     source, ref_proto, ref_src, model, torch_module = _load(model_or_path, example_inputs)
     timings["load"] = time.perf_counter() - t
@@ -325,6 +337,11 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
 
     result = CompileResult(model, None, None, target, source, pipe.name, stats.counts, stats.stop_reasons,
                            stats.passes, before, model_stats(model), Verification("off"), timings)
+    if prune is not None:
+        from compiler.pruning.api import attach_report
+
+        attach_report(result, model, torch_module)
+    _import_new_domains(model, result)
     if target == "onnx":
         from ir.torch_aten import UnloweredOpError, check_lowered
 
@@ -339,10 +356,18 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         result.proto = out_proto
     else:
         result.module = _torch_entry("to_torch")(model)
+        if result.prune is not None and result.prune.config_updates and hasattr(torch_module, "config"):
+            import copy
+
+            result.module.config = copy.deepcopy(torch_module.config)  # the pruned shapes' head count etc.
+            for k, val in result.prune.config_updates.items():
+                setattr(result.module.config, k, val)
 
     t = time.perf_counter()
     if verify and dim_sizes and torch_module is None and example_inputs is None:
-        unknown_dims(ref_proto, dim_sizes, result)
+        bad = unknown_dims(ref_proto, dim_sizes)
+        if bad:
+            result.notes.append(bad + "; it was ignored")
     if verify:
         try:
             if torch_module is not None:
@@ -359,6 +384,11 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     timings["verify"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     v = result.verification
+    if result.prune is not None and not result.prune.zero_only:
+        # removing channels with weights changes the outputs by design: report it, do not fail on it
+        result.prune.deviation = list(v.outputs)
+        if v.status == "failed" and v.outputs and all(o.max_abs < float("inf") for o in v.outputs):
+            return result  # same shapes, finite values: the deviation is the report, not an error
     if v.status == "failed":
         bad = [o for o in v.outputs if not o.within(atol, rtol)]
         if not bad:
@@ -372,15 +402,30 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     return result
 
 
-def unknown_dims(proto: onnx.ModelProto, dim_sizes: dict[str, int], result: "CompileResult") -> None:
-    """Raise :class:`CompileError` when ``dim_sizes`` names a dim no graph input has (a typo would
-    otherwise be ignored and the inputs generated with other sizes than asked for)."""
+def _import_new_domains(model: ir.Model, result: "CompileResult") -> None:
+    """A rule may create ops of a domain the input model never imported (``op.domain("com.microsoft")``
+    contrib ops, say); ONNX requires an opset import for it, so import version 1, the version of
+    onnxruntime's contrib ops and the usual first version of a custom domain."""
+    for n in model.all_nodes():
+        d = n.domain
+        if d not in ("", "ai.onnx") and d not in model.opset_imports:
+            model.opset_imports[d] = 1
+            result.notes.append(f"rule-created {d}::{n.op_type} nodes: added opset import {d!r} version 1")
+
+
+def unknown_dims(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None) -> str | None:
+    """A one-line message when ``dim_sizes`` names a dim no graph input of ``proto`` has, else None.
+
+    :func:`compile` notes it in the result (the inputs were generated with other sizes than
+    asked for); ``graft compile --dim`` refuses it before compiling.
+    """
     dims = symbolic_dims(proto)
-    unknown = sorted(set(dim_sizes) - {d for ds in dims.values() for d in ds if isinstance(d, str)})
-    if unknown:
-        have = ", ".join(f"{k}[{', '.join(map(str, ds))}]" for k, ds in dims.items()) or "none"
-        raise CompileError(f"--dim / dim_sizes names {', '.join(map(repr, unknown))}, which no graph input has "
-                           f"(the inputs are {have}; _ is an unnamed dim, which cannot be sized)", result)
+    unknown = sorted(set(dim_sizes or ()) - {d for ds in dims.values() for d in ds if isinstance(d, str)})
+    if not unknown:
+        return None
+    have = ", ".join(f"{k}[{', '.join(map(str, ds))}]" for k, ds in dims.items()) or "none"
+    return (f"dim {', '.join(map(repr, unknown))} is not a dim of any graph input (the inputs are {have}; "
+            f"_ is an unnamed dim, which cannot be sized)")
 
 
 def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src) -> tuple[onnx.ModelProto,

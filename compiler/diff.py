@@ -51,6 +51,10 @@ JSON (:meth:`ModelDiff.to_json`), schema ``graft.diff/1``:
   "changed": [{"name", "a", "b"}]}}`` with types written ``float[batch,3,224,224]``.
 - ``initializers``: ``{"removed": [name], "added": [name], "changed": [name]}`` (main
   graph and subgraphs; ``changed``: same name, different dtype, shape or data).
+- ``layers`` (only when some initializer kept its name but changed shape, as after structured
+  pruning): ``{"total": {"params": [a, b], "macs": [a, b]}, "layers": [{"name", "op", "params": [a, b],
+  "macs": [a, b]}], "inputs": {input: shape}}`` from :func:`compiler.pruning.report.layer_diff`
+  (MACs at batch 1, other symbolic dims from ``dim_sizes`` or 32), or ``{"error": str}``.
 - ``check``: null, or ``{"inputs": {name: shape}, "outputs": [{"output", "output_b", "max_abs",
   "max_rel", "cosine", "shape", "shape_b", "problem", "within_atol"}], "error": str | null,
   "atol": float}``: A and B run in onnxruntime on the same inputs, outputs paired by position
@@ -314,7 +318,28 @@ def diff_models(a, b, *, check: bool = False, feeds: dict | None = None, seed: i
         "initializers": inits,
         "check": _check(pa, pb, feeds, seed, dim_sizes, atol) if check else None,
     }
+    if _weights_reshaped(pa, pb):
+        data["layers"] = _layer_costs(pa, pb, dim_sizes)
     return ModelDiff(data)
+
+
+def _weights_reshaped(pa: onnx.ModelProto, pb: onnx.ModelProto) -> bool:
+    """Some constant (initializer or Constant node) kept its name but changed shape (what structured pruning does)."""
+    def dims(p):
+        out = {t.name: tuple(t.dims) for t in p.graph.initializer}
+        for n in p.graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+                out[n.output[0]] = tuple(n.attribute[0].t.dims)
+        return out
+    a = dims(pa)
+    return any(a.get(k, d) != d for k, d in dims(pb).items())
+
+
+def _layer_costs(pa: onnx.ModelProto, pb: onnx.ModelProto, dim_sizes) -> dict:
+    """Parameters and MACs per layer of A and B (the pruning section; see compiler.pruning.report.layer_diff)."""
+    from compiler.pruning.report import layer_diff
+
+    return layer_diff(pa, pb, dim_sizes)
 
 
 def _initializer_diff(fa: FlatModel, fb: FlatModel) -> dict:

@@ -101,6 +101,10 @@ def _sections(data: dict, max_items: int) -> list:
         out.append(Text(f"initializers: {len(inits['removed'])} removed, {len(inits['added'])} added, "
                         f"{len(inits['changed'])} changed"
                         + (f" ({_more(inits['changed'], max_items)})" if inits["changed"] else "")))
+    if data.get("layers"):  # structured pruning: params / MACs per layer (compiler/pruning/report.py)
+        from compiler.pruning.report import layer_diff_renderables
+
+        out.extend(layer_diff_renderables(data["layers"], max_rows=max_items))
     out.extend(_check(data))
     return out
 

@@ -57,10 +57,27 @@ class Matcher:
         for r in roots:
             for pn in r.walk():
                 self._n_req[pn] = sum(1 for a in pn.inputs if not isinstance(a, Optional))
+        # (op type, domain) of each required op input of the first root: a node none of whose
+        # inputs comes from such an op cannot match, which the rewriter checks before walking
+        needs = []
+        for a in roots[0].inputs:
+            child = a.node if isinstance(a, PatternOutput) else a
+            if isinstance(child, PatternNode) and child.op_type != "*":
+                needs.append((child.op_type, child.domain))
+        self._root_needs = tuple(dict.fromkeys(needs))
 
     # -- public -------------------------------------------------------------
     def match(self, node: Node) -> dict | None:
         """Bindings (Var → Value, name → Node, "attr:" + name → value) or None."""
+        if self._root_needs and not self._track:
+            ins = node._inputs
+            for op_type, domain in self._root_needs:
+                for v in ins:
+                    p = v.producer if v is not None else None
+                    if p is not None and p.op_type == op_type and p.domain == domain:
+                        break
+                else:
+                    return None  # no input comes from a required op: the walk would fail
         if len(self.roots) == 1:
             return self._first(self.roots[0], node)
         for b in self._tree(self.roots[0], node, {"__nodes__": (), "__roots__": (node,)}):

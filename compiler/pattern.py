@@ -185,6 +185,38 @@ def check_op_name(op_type: str, domain: str, where: str) -> None:
                        f"(use op.domain('my.domain').{op_type} for custom ops)")
 
 
+_SIGNATURES: dict[tuple[str, str], tuple[int, set[str]]] = {}
+
+
+def _signature(op_type: str, domain: str) -> tuple[int, set[str]]:
+    """(most inputs, attribute names) over every version of an op's schema."""
+    key = (op_type, domain)
+    if key not in _SIGNATURES:
+        most, attrs = 0, set()
+        for s in onnx.defs.get_all_schemas_with_history():
+            if s.name == op_type and s.domain == domain:
+                most = max(most, s.max_input)
+                attrs.update(s.attributes)
+        _SIGNATURES[key] = (most, attrs)
+    return _SIGNATURES[key]
+
+
+def check_signature(op_type: str, domain: str, n_inputs: int, attrs: dict, where: str) -> None:
+    """Raise :class:`PatternError` for more inputs than any version of the op takes, or an
+    attribute no version defines — such a pattern could never match."""
+    if domain not in _SCHEMA_DOMAINS:
+        return
+    most, known = _signature(op_type, "" if domain == "ai.onnx" else domain)
+    if n_inputs > most:
+        raise PatternError(f"{where}: pattern op {op_type} has {n_inputs} inputs, but {op_type} takes at most "
+                           f"{most} in any opset; the pattern could never match")
+    for a in attrs:
+        if a not in known:
+            close = difflib.get_close_matches(a, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (it has: {', '.join(sorted(known)) or 'none'})"
+            raise PatternError(f"{where}: {op_type} has no attribute {a!r} in any opset{hint}")
+
+
 class _OpFactory:
     """``op.Conv(...)`` builds a :class:`PatternNode` for ONNX op ``Conv``."""
 
@@ -208,7 +240,9 @@ class _OpFactory:
 
         def make(*inputs, name: str | None = None, _outputs: int = 1, _variadic: bool = False,
                  **attrs) -> PatternNode:
-            return PatternNode(op_type, domain, inputs, attrs, name, _outputs, caller_location(), _variadic)
+            where = caller_location()
+            check_signature(op_type, domain, len(inputs), attrs, where)
+            return PatternNode(op_type, domain, inputs, attrs, name, _outputs, where, _variadic)
 
         return make
 

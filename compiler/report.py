@@ -64,6 +64,11 @@ def build(result) -> Group:
         parts.append(Text(f"iteration limit reached in: {', '.join(limited)} (the graph is valid but may "
                           f"not be fully rewritten)", style="yellow"))
 
+    prune = getattr(result, "prune", None)
+    if prune is not None:  # structured pruning: groups, params/MACs, deviation (compiler/pruning/report.py)
+        from compiler.pruning.report import renderables as pruning_renderables
+
+        parts.extend(pruning_renderables(prune))
     for note in getattr(result, "notes", ()):
         parts.append(Text(f"note: {note}", style="yellow"))
     v = result.verification
@@ -80,6 +85,9 @@ def build(result) -> Group:
     if v.status == "passed":
         kind = "generated inputs" if v.generated else "the given inputs"
         parts.append(Text(f"verified: outputs agree within atol {v.atol:g} on {kind} {shapes}", style="green"))
+    elif v.status == "failed" and prune is not None and not prune.zero_only:
+        parts.append(Text(f"outputs differ from the input model's, as pruning channels with weights does "
+                          f"(inputs {shapes}); fine-tune to recover accuracy", style="cyan"))
     elif v.status == "failed":
         parts.append(Text(f"verification FAILED (atol {v.atol:g}, inputs {shapes})", style="bold red"))
         if v.blame is not None:

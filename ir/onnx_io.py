@@ -8,6 +8,7 @@ load→save round trip is lossless.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -234,13 +235,16 @@ def _read_graph(gp, scope: _Scope, *, parent: Graph | None = None, model: Model 
         scope.values[tp.name] = v
     g.sparse_initializers = list(gp.sparse_initializer)
     infos = {vi.name: vi for vi in gp.value_info}
+    local = scope.values  # most reads resolve in this graph: try its dict before the scope chain
     for np_ in gp.node:
         ins = []
         for name in np_.input:
             if name == "":
                 ins.append(None)
                 continue
-            v = scope.lookup(name)
+            v = local.get(name)
+            if v is None:
+                v = scope.lookup(name)
             if v is None:
                 where = f"node {np_.name or np_.op_type!r} ({np_.op_type})"
                 raise ModelLoadError(
@@ -267,7 +271,7 @@ def _read_graph(gp, scope: _Scope, *, parent: Graph | None = None, model: Model 
         g.append(node)
         for v in outs:
             if v.name:
-                scope.values[v.name] = v
+                local[v.name] = v
     outs = []
     for vi in gp.output:
         v = scope.lookup(vi.name)
@@ -638,7 +642,7 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
         bits = DataType(t.data_type).bitwidth
     except (TypeError, ValueError, KeyError):
         bits = 0
-    return (int(np.prod(t.dims, dtype=np.int64)) * bits) // 8
+    return (math.prod(t.dims) * bits) // 8  # exact ints; np.prod costs microseconds per tensor
 
 
 def _move_tensors_out(proto: onnx.ModelProto, data_file: Path, location: str) -> int:

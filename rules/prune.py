@@ -12,8 +12,8 @@ inputs sliced (``W' = W[keep_out][:, keep_in]``), so the model really shrinks:
   each input channel, and a constant channel contributes a constant per output).
 - prune_gemm / prune_matmul: weight columns (output neurons) and rows (inputs), Gemm's C;
   compensation ``C' = C + alpha * v @ B'[removed]`` / ``y' = x' W' + v @ W[removed]``.
-- prune_norm: BatchNormalization scale/B/mean/var, InstanceNormalization and
-  LayerNormalization scale/bias, per kept channel.
+- prune_batchnorm / prune_instancenorm / prune_layernorm: BatchNormalization scale/B/mean/var,
+  InstanceNormalization and LayerNormalization scale/bias, per kept channel.
 - prune_embedding: Gather from a constant table (embedding columns).
 - prune_split: new ``split`` sizes on the channel axis (explicit sizes replace ``num_outputs``).
 - prune_slice: new starts/ends on the channel axis: ``s' = #kept before s``, ``e' = s' + #kept in [s, e)``.
@@ -157,18 +157,33 @@ def _all_sliced(op, m):
     return _rebuild(op, node, ins, pe.attrs)
 
 
-def _kinds(*ops):
-    def where(node):
-        if node.op_type not in ops:
-            return False
-        plan = plan_of(node.graph.model if node.graph is not None else None)
-        return plan is not None and node in plan.edits
-    return where
+def _check_kind(kind):
+    """A check passing nodes the plan names with work of ``kind`` for this rule."""
+    def check(m):
+        node = m.node
+        pe = _edit(m, node)
+        if pe is None:
+            return m.fail(f"{node.op_type} node {node.name!r} is not in the pruning plan", node)
+        todo = {"split": pe.split is not None, "slice": bool(pe.slice_bounds), "reshape": pe.shape is not None,
+                "shape_literal": pe.kind == "shape_literal" and bool(pe.literals or pe.slices),
+                "const": pe.kind == "const" and bool(pe.slices or pe.literals),
+                "sliced": bool(pe.slices or pe.attrs)}[kind]
+        if not todo:
+            return m.fail(f"the pruning plan has no {kind} edit for {node.op_type} node {node.name!r}", node)
+        return None
+    check.__name__ = f"check_{kind}"
+    return check
 
 
-prune_norm = Rule("prune_norm", op.any_op(name="node", where=_kinds("BatchNormalization", "InstanceNormalization",
-                                                                     "LayerNormalization")), _all_sliced)
-prune_embedding = Rule("prune_embedding", op.any_op(name="node", where=_kinds("Gather")), _all_sliced)
+def _node(op_type):
+    return getattr(op, op_type)(name="node", _variadic=True)
+
+
+prune_batchnorm = Rule("prune_batchnorm", _node("BatchNormalization"), _all_sliced, check=_check_kind("sliced"))
+prune_instancenorm = Rule("prune_instancenorm", _node("InstanceNormalization"), _all_sliced,
+                          check=_check_kind("sliced"))
+prune_layernorm = Rule("prune_layernorm", _node("LayerNormalization"), _all_sliced, check=_check_kind("sliced"))
+prune_embedding = Rule("prune_embedding", _node("Gather"), _all_sliced, check=_check_kind("sliced"))
 
 
 # ---------------------------------------------------------------- Split / Slice / Reshape
@@ -212,33 +227,13 @@ def reshape_replacement(op, m):
     return _rebuild(op, node, [node.inputs[0], op.const(pe.shape, name=f"{node.name}_shape")])
 
 
-def _planned(kind):
-    def where(node):
-        plan = plan_of(node.graph.model if node.graph is not None else None)
-        pe = None if plan is None else plan.edits.get(node)
-        if pe is None:
-            return False
-        if kind == "split":
-            return pe.split is not None
-        if kind == "slice":
-            return bool(pe.slice_bounds)
-        if kind == "reshape":
-            return pe.shape is not None
-        if kind == "shape_literal":
-            return pe.kind == "shape_literal" and bool(pe.literals or pe.slices)
-        return pe.kind == "const" and bool(pe.slices or pe.literals)
-    return where
+prune_split = Rule("prune_split", _node("Split"), split_replacement, check=_check_kind("split"))
+prune_slice = Rule("prune_slice", _node("Slice"), slice_replacement, check=_check_kind("slice"))
+prune_reshape = Rule("prune_reshape", _node("Reshape"), reshape_replacement, check=_check_kind("reshape"))
+prune_shape_literal = Rule("prune_shape_literal", _node("Concat"), _all_sliced, check=_check_kind("shape_literal"))
+# the one rule tried at every op type: constant operands of any node (Add, Mul, PRelu, Expand, Where, ...)
+prune_constant_operand = Rule("prune_constant_operand", op.any_op(name="node"), _all_sliced,
+                              check=_check_kind("const"))
 
-
-prune_split = Rule("prune_split", op.any_op(name="node", where=lambda n: n.op_type == "Split" and _planned("split")(n)),
-                   split_replacement)
-prune_slice = Rule("prune_slice", op.any_op(name="node", where=lambda n: n.op_type == "Slice" and _planned("slice")(n)),
-                   slice_replacement)
-prune_reshape = Rule("prune_reshape", op.any_op(name="node", where=lambda n: n.op_type == "Reshape" and
-                                                _planned("reshape")(n)), reshape_replacement)
-prune_shape_literal = Rule("prune_shape_literal", op.any_op(name="node", where=lambda n: n.op_type == "Concat" and
-                                                            _planned("shape_literal")(n)), _all_sliced)
-prune_constant_operand = Rule("prune_constant_operand", op.any_op(name="node", where=_planned("const")), _all_sliced)
-
-RULES = [prune_conv, prune_gemm, prune_matmul, prune_norm, prune_embedding, prune_split, prune_slice, prune_reshape,
-         prune_shape_literal, prune_constant_operand]
+RULES = [prune_conv, prune_gemm, prune_matmul, prune_batchnorm, prune_instancenorm, prune_layernorm, prune_embedding,
+         prune_split, prune_slice, prune_reshape, prune_shape_literal, prune_constant_operand]

@@ -7,7 +7,7 @@ import click
 
 from compiler.cli import main
 from compiler.cli._errors import fail, parse_dims
-from compiler.cli._output_path import check_output_path
+from compiler.cli._preflight import check_dims, check_output_path
 
 
 def _input_path(arg: str) -> Path:
@@ -22,6 +22,29 @@ def _input_path(arg: str) -> Path:
         return zoo.resolve(arg)
     except zoo.ZooError as e:
         fail(f"{arg}: {e}")
+
+
+def _prune_config(ratio, criterion, round_to, zero_only, scope, calibration):
+    """The --prune* options as a PruneConfig (None without --prune / --prune-zero-only); bad values fail here."""
+    if ratio is None and not zero_only:
+        return None
+    from compiler.pruning import PruneConfig, PruneError, SelectionError
+
+    if criterion == "taylor" and not calibration and not zero_only:
+        fail("--prune-criterion taylor needs calibration inputs: --prune-calibration FILE.npz or a directory of .npy")
+    config = PruneConfig(ratio=0.0 if ratio is None else ratio, criterion=criterion, scope=scope, round_to=round_to,
+                         zero_only=zero_only, calibration=calibration)
+    try:
+        return config.validate()
+    except (PruneError, SelectionError) as e:
+        fail(f"--prune {ratio}: {e}")
+
+
+def _prune_errors() -> tuple:
+    from compiler.pruning import PruneError, SelectionError
+    from compiler.pruning.plan import PlanError
+
+    return PruneError, SelectionError, PlanError
 
 
 @main.command("compile")
@@ -44,10 +67,25 @@ def _input_path(arg: str) -> Path:
               help="Largest absolute output difference accepted.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
               help="Size of a named symbolic input dim for verification (repeatable).")
+@click.option("--prune", "prune_ratio", type=float, metavar="RATIO",
+              help="Structured pruning before the pipeline: remove this fraction, in [0, 1), of the channels, "
+                   "heads and neurons of every coupled group.")
+@click.option("--prune-criterion", type=click.Choice(["l1", "l2", "bn_scale", "taylor"]), default="l2",
+              show_default=True, help="Channel importance for --prune (taylor needs --prune-calibration).")
+@click.option("--prune-round", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Keep pruned channel counts a multiple of N (heads are kept whole, never rounded).")
+@click.option("--prune-zero-only", is_flag=True,
+              help="Remove only channels whose removal leaves the outputs unchanged (all-zero or constant).")
+@click.option("--prune-scope", type=click.Choice(["local", "global"]), default="local", show_default=True,
+              help="local: RATIO per group; global: RATIO of all channels, ranked across groups.")
+@click.option("--prune-calibration", type=click.Path(exists=True), metavar="PATH",
+              help="Calibration inputs for --prune-criterion taylor (.npz file or directory of .npy files).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary, only errors.")
 def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_shapes: tuple[str, ...], target: str,
                 pipeline: str, rule_files: tuple[str, ...], no_verify: bool, atol: float, dims: tuple[str, ...],
-                quiet: bool) -> None:
+                quiet: bool, prune_ratio: float | None = None, prune_criterion: str = "l2", prune_round: int = 1,
+                prune_zero_only: bool = False, prune_scope: str = "local",
+                prune_calibration: str | None = None) -> None:
     """Compile IN (an .onnx file or a zoo name: ppocr-cls, ppocr-det, ppocr-rec, minilm) into OUT.
 
     Loads IN (onnx.checker), runs the pipeline and any --rules, checks the result
@@ -80,6 +118,7 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
             fail("--input-shape is for --torch models (an ONNX model's inputs are typed; use --dim NAME=SIZE)")
         src = _input_path(model)
         label = model
+        check_dims(src, dim_sizes)
     check_output_path(output, None if torch_spec else src)
     try:
         get_pipeline(pipeline)
@@ -94,9 +133,11 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         from ir.torch_frontend import TorchCaptureError, TorchImportError
 
         torch_errors = (TorchCaptureError, TorchImportError)
+    prune = _prune_config(prune_ratio, prune_criterion, prune_round, prune_zero_only, prune_scope,
+                          prune_calibration)
     try:
         result = compile(model, example_inputs, pipeline=pipeline, target=target, rules=user_rules or None,
-                         verify=not no_verify, atol=atol, dim_sizes=dim_sizes)
+                         verify=not no_verify, atol=atol, dim_sizes=dim_sizes, prune=prune)
     except torch_errors as e:
         fail(f"--torch {torch_spec}: {e}")
     except ModelLoadError as e:
@@ -114,6 +155,8 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         fail(f"{label}: {e} (no output written; fix the rule, or pass --no-verify to write it anyway)")
     except InvalidOutputError as e:
         fail(f"{label}: {e}")
+    except _prune_errors() as e:
+        fail(f"{label}: --prune: {e}")
     except (CompileError, IRError) as e:
         fail(f"{label}: {e}")
     except SystemExit as e:  # sys.exit() in a rule's code: not a successful compile

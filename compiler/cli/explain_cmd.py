@@ -134,8 +134,8 @@ def explain_cmd(rule_name: str, model: str, rules_file: str | None, max_items: i
         from compiler.user_rules import user_frame
 
         where = user_frame(e)
-        what = f"its code at {where}" if where else "its check"
-        fail(f"rule {rule.name!r} ({rule.where}): {what} raised {type(e).__name__}: {e}")
+        at = f" (at {where})" if where else ""
+        fail(f"rule {rule.name!r} ({rule.where}): its pattern predicate or check raised {type(e).__name__}: {e}{at}")
 
     size = sum(len(list(r.walk())) for r in rule.roots)
     root = rule.roots[0]

@@ -33,14 +33,16 @@ def rules_cmd(rule_files: tuple[str, ...]) -> None:
     from compiler.passes import get_pipeline, pipeline_names
     from compiler.user_rules import UserRuleFileError, load_rule_file
 
+    loaded = []
+    for f in rule_files:  # every file loads before anything is printed: an error is the only output
+        try:
+            loaded.append((f, load_rule_file(f)))
+        except UserRuleFileError as e:
+            fail(f"{e} (fix the rule file)")
     click.echo("rules:")
     for line in _table([(r.name, root_op(r), r.doc) for r in builtin.all_rules()]):
         click.echo(line)
-    for f in rule_files:
-        try:
-            extra = load_rule_file(f)
-        except UserRuleFileError as e:
-            fail(f"{e} (fix the rule file)")
+    for f, extra in loaded:
         click.echo(f"rules in {f}:")
         for line in _table([(r.name, root_op(r), r.doc) for r in extra]):
             click.echo(line)

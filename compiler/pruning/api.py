@@ -83,6 +83,32 @@ class PruneConfig:
         return self
 
 
+def as_config(prune, dim_sizes: dict | None = None) -> PruneConfig:
+    """A validated :class:`PruneConfig` from a config or a ratio (``compile(prune=0.5)``); the compile's
+    ``dim_sizes`` fill in the config's when it has none.
+
+    Raises:
+        PruneError / SelectionError: a bad request.
+    """
+    if not isinstance(prune, PruneConfig):
+        prune = PruneConfig(ratio=prune)
+    if prune.dim_sizes is None and dim_sizes:
+        prune.dim_sizes = dict(dim_sizes)
+    return prune.validate()
+
+
+def attach_report(result, model: Model, torch_module=None) -> None:
+    """Put the pruning report on a :class:`compiler.api.CompileResult` (with a transformers model's
+    config updates when compiling a torch model)."""
+    report = model.meta.get(REPORT_KEY)
+    result.prune = report
+    cfg = getattr(torch_module, "config", None)
+    if report is not None and cfg is not None:
+        from compiler.pruning.torch_path import transformer_config_updates
+
+        report.config_updates = transformer_config_updates(report, cfg)
+
+
 # --------------------------------------------------------------------------- passes
 def _not_reading_parameters(node) -> bool:
     from rules.constant_folding import _foldable

@@ -172,23 +172,38 @@ def renderables(report: PruneReport, max_rows: int = 12) -> list:
 
 # --------------------------------------------------------------------------- graft diff section
 def layer_diff(a, b, dim_sizes: dict | None = None) -> dict:
-    """Parameters and MACs per layer of two ONNX models (protos or paths), matched by node name.
+    """Parameters and MACs per compute layer (Conv, ConvTranspose, Gemm, MatMul) of two ONNX models.
 
-    Returns ``{"total": {"params": [a, b], "macs": [a, b]}, "layers": [{"name", "op",
-    "params": [a, b], "macs": [a, b]}] (only layers that differ), "inputs": {...}}``;
-    ``{"error": str}`` when shapes cannot be inferred.
+    Layers are paired in graph order when both models have as many compute layers (rewrites such as
+    BatchNormalization folding rename nodes but keep their order), else by node name.
+
+    Args:
+        a, b: ``onnx.ModelProto`` or paths.
+
+    Returns:
+        ``{"total": {"params": [a, b], "macs": [a, b]}, "layers": [{"name", "op", "params": [a, b],
+        "macs": [a, b]}] (only layers that differ), "inputs": {input: shape}}``, or ``{"error": str}``
+        when shapes cannot be inferred.
     """
     import ir
     from compiler.pruning.macs import layer_costs, total_params
     from compiler.pruning.shapes import input_sizes
 
     try:
-        ma, mb = (ir.from_onnx(p) if not isinstance(p, str) else ir.load(p, check=False) for p in (a, b))
+        ma, mb = (ir.load(p, check=False) if isinstance(p, str) else ir.from_onnx(p) for p in (a, b))
         ca, cb = layer_costs(ma, dim_sizes=dim_sizes), layer_costs(mb, dim_sizes=dim_sizes)
         inputs = {k: list(v) for k, v in input_sizes(ma, dim_sizes).items()}
     except Exception as e:  # noqa: BLE001 - shape inference failures of arbitrary models: report, not crash
         return {"error": f"{type(e).__name__}: {e}"}
-    rows = [r for r in _join_layers(ca, cb) if r["params"][0] != r["params"][1] or r["macs"][0] != r["macs"][1]]
+    compute = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    la = [r for r in ca if r.op in compute]
+    lb = [r for r in cb if r.op in compute]
+    if len(la) == len(lb):
+        rows = [{"name": x.name if x.name == y.name else f"{x.name} → {y.name}", "op": y.op,
+                 "params": [x.params, y.params], "macs": [x.macs, y.macs]} for x, y in zip(la, lb)]
+    else:
+        rows = _join_layers(la, lb)
+    rows = [r for r in rows if r["params"][0] != r["params"][1] or r["macs"][0] != r["macs"][1]]
     return {"total": {"params": [total_params(ma), total_params(mb)],
                       "macs": [sum(r.macs for r in ca), sum(r.macs for r in cb)]},
             "layers": rows, "inputs": inputs}

@@ -44,7 +44,9 @@ def _factors(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     w = np.maximum(wmax.astype(np.float64), 1e-5)
     s = a ** alpha / w ** (1.0 - alpha)
     s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
-    return s
+    # never scale a channel up: an input whose values exceed the calibrated maxima in a
+    # channel with s < 1 would otherwise blow up the per-tensor range at run time
+    return np.maximum(s, 1.0)
 
 
 def _dyn_quant(x: np.ndarray) -> np.ndarray:

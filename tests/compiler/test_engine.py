@@ -535,3 +535,14 @@ def test_refused_rewrites_leave_graph_untouched():
     before = snapshot(model)
     assert rewrite(model, [Rule("drop_neg", op.Neg(x), lambda op, m: m[x])]).rewrites == 0
     assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda x, y: op.Relu(x, y), r"Relu has 2 inputs, but Relu takes at most 1 in any opset"),
+    (lambda x, y: op.Relu(x, alpha=0.1), r"Relu has no attribute 'alpha' in any opset"),
+    (lambda x, y: op.Conv(x, y, grop=2), r"Conv has no attribute 'grop' in any opset; did you mean 'group'\?"),
+])
+def test_pattern_that_could_never_match_is_rejected_where_written(build, message):
+    x, y = Var("x"), Var("y")
+    with pytest.raises(PatternError, match=r"test_engine\.py:\d+: .*" + message):
+        build(x, y)

@@ -1,5 +1,6 @@
-"""Checks on ``graft compile -o OUT`` made before compiling, so that a bad OUT fails in a
-second, not after a long compile, and never costs the user a file of the input model."""
+"""Checks of ``graft compile``'s arguments made before compiling, so that a bad ``-o OUT`` or
+``--dim`` fails in a second, not after a long compile, and OUT never costs the user a file of
+the input model."""
 from __future__ import annotations
 
 import os
@@ -15,17 +16,35 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _header(src: Path):
+    """``src`` parsed without its external data, or None (loading reports a bad file later, better)."""
+    import onnx
+
+    try:
+        return onnx.load(str(src), load_external_data=False)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_dims(src: Path, dim_sizes: dict[str, int]) -> None:
+    """End the process (:func:`fail`) when ``--dim`` names a dim no graph input of ``src`` has."""
+    from compiler.api import unknown_dims
+
+    proto = _header(src) if dim_sizes else None
+    bad = unknown_dims(proto, dim_sizes) if proto is not None else None
+    if bad:
+        fail(f"--dim: {bad} (check the spelling)")
+
+
 def input_files(src: Path) -> list[Path]:
     """``src`` and the external data files its tensors point at (ONNX ``location``, relative to
     ``src``'s folder), main graph and subgraphs. Unreadable models give just ``[src]``: loading
     reports those later, with a better message."""
-    import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     files = [src]
-    try:
-        proto = onnx.load(str(src), load_external_data=False)
-    except Exception:  # noqa: BLE001 — the loader names the problem later
+    proto = _header(src)
+    if proto is None:
         return files
     seen = set()
     for t in _get_all_tensors(proto):
