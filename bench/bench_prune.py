@@ -170,7 +170,8 @@ def run_graft(name, module, args, cfg, ratio, tmp) -> list[Row]:
         _group_facts(row, report)
         if cfg is not None:
             heads = [g for g in report.groups if g.kind == "heads"]
-            row.heads_declared = [report.config_updates.get("num_attention_heads", cfg.num_attention_heads)] * len(heads)
+            declared = report.config_updates.get("num_attention_heads", cfg.num_attention_heads)
+            row.heads_declared = [declared] * len(heads)
             row.heads_actual = [g.kept for g in heads]
     except Exception as e:  # noqa: BLE001 - the bench reports failures, it does not stop on them
         row.error = f"{type(e).__name__}: {str(e)[:200]}"

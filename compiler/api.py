@@ -177,9 +177,11 @@ def _torch_entry(name: str):
                            f"compile ONNX models, or install a graft with torch support") from None
 
 
-def _load(model_or_path, example_inputs):
+def _load(model_or_path, example_inputs, dynamic_shapes=None):
     """(source label, reference proto or None, what onnxruntime loads for the reference, fresh IR model,
     torch module or None)."""
+    if dynamic_shapes is not None and not _is_torch_module(model_or_path):
+        raise CompileError("dynamic_shapes applies to torch models only (an ONNX model's dims are in its inputs)")
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         if not path.exists() and isinstance(model_or_path, str):
@@ -206,7 +208,7 @@ def _load(model_or_path, example_inputs):
         if example_inputs is None and not isinstance(model_or_path, torch.export.ExportedProgram):
             raise CompileError("compiling a torch model needs example_inputs (a tensor, a tuple of tensors, or a "
                                "dict of keyword inputs) to capture it")
-        model = _torch_entry("from_torch")(model_or_path, example_inputs)
+        model = _torch_entry("from_torch")(model_or_path, example_inputs, dynamic_shapes)
         ref = model_or_path.module() if isinstance(model_or_path, torch.export.ExportedProgram) else model_or_path
         return type(model_or_path).__name__, None, None, model, ref
     raise TypeError(f"compile() takes a path, zoo name, onnx.ModelProto, ir.Model or torch.nn.Module, "
@@ -260,15 +262,18 @@ def _from_proto(proto, where):
 @gc_paused()  # the IR is a big cyclic object graph: keep the cyclic GC out of the compile (ir/_gc.py)
 def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None = "optimize", target: str = "onnx",
             rules=None, verify: bool = True, atol: float = 1e-4, dim_sizes: dict[str, int] | None = None, *,
-            rtol: float = 0.0, seed: int = 0, prune=None) -> CompileResult:
+            rtol: float = 0.0, seed: int = 0, prune=None, dynamic_shapes=None) -> CompileResult:
     """Compile a model with a pipeline (plus optional user rules) and check the result.
 
     Args:
         model_or_path: an ``.onnx`` path, a zoo name (``ppocr-cls``, ``minilm``, ...), an
-            ``onnx.ModelProto``, an ``ir.Model`` (not modified), or a ``torch.nn.Module``.
+            ``onnx.ModelProto``, an ``ir.Model`` (not modified), or a torch model (``torch.nn.Module``,
+            ``torch.fx.GraphModule``, ``torch.export.ExportedProgram``): captured with ``ir.from_torch``
+            and lowered to ONNX ops by the ``lower_aten`` pipeline before ``pipeline`` runs.
         example_inputs: inputs for verification (dict name → array, or a sequence in graph-input
-            order); required for torch modules (used to capture them). Default: random inputs
-            from the input types (seeded), symbolic dims sized by :func:`default_dim_sizes`.
+            order); required for torch modules (used to capture them: a tensor, a tuple, or a dict of
+            keyword inputs). Default: random inputs from the input types (seeded), symbolic dims sized
+            by :func:`default_dim_sizes`.
         pipeline: a registered pipeline name (``optimize``, ``cleanup``, ``none``), a
             :class:`Pipeline`, or None for no pipeline.
         target: ``"onnx"`` (a ModelProto) or ``"torch"`` (a ``torch.fx.GraphModule``).
@@ -284,6 +289,8 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             ratio in [0, 1). Pruning with a ratio changes the outputs by design: their deviation is
             reported (``result.prune.deviation``) instead of failing verification; zero-only pruning
             (``PruneConfig(zero_only=True)``) is verified like any rewrite.
+        dynamic_shapes: torch models only: ``torch.export`` dynamic shapes (e.g.
+            ``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}}``); the Dim names become symbolic dims.
 
     Returns:
         a :class:`CompileResult`.
@@ -321,7 +328,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         prune = as_config(prune, dim_sizes)
         pipe = Pipeline(pipe.name, [prune_pipeline(prune), *pipe.passes], doc=pipe.doc)
     t = time.perf_counter()
-    source, ref_proto, ref_src, model, torch_module = _load(model_or_path, example_inputs)
+    source, ref_proto, ref_src, model, torch_module = _load(model_or_path, example_inputs, dynamic_shapes)
     timings["load"] = time.perf_counter() - t
     before = model_stats(model)
     if torch_module is not None:

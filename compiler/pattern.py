@@ -186,17 +186,21 @@ def check_op_name(op_type: str, domain: str, where: str) -> None:
 
 
 _SIGNATURES: dict[tuple[str, str], tuple[int, set[str]]] = {}
+_SCHEMAS_BY_OP: dict[tuple[str, str], list] = {}
 
 
 def _signature(op_type: str, domain: str) -> tuple[int, set[str]]:
     """(most inputs, attribute names) over every version of an op's schema."""
     key = (op_type, domain)
     if key not in _SIGNATURES:
+        if not _SCHEMAS_BY_OP:
+            # one pass over onnx.defs (a few ms) instead of one per op a rule file uses
+            for s in onnx.defs.get_all_schemas_with_history():
+                _SCHEMAS_BY_OP.setdefault((s.name, s.domain), []).append(s)
         most, attrs = 0, set()
-        for s in onnx.defs.get_all_schemas_with_history():
-            if s.name == op_type and s.domain == domain:
-                most = max(most, s.max_input)
-                attrs.update(s.attributes)
+        for s in _SCHEMAS_BY_OP.get(key, ()):
+            most = max(most, s.max_input)
+            attrs.update(s.attributes)
         _SIGNATURES[key] = (most, attrs)
     return _SIGNATURES[key]
 

@@ -64,6 +64,8 @@ PROVENANCE_REPLACED = "graft.replaced"
 # Model-level log (metadata_props, JSON [[rule, replaced], ...]) of rewrites that created no
 # node or initializer, so a diff can still say which rule removed what.
 RECONNECTED_LOG = "graft.reconnected"
+# Node metadata that says where in the user's model a node came from; new nodes inherit it from the root.
+SOURCE_META = ("torch.module", "torch.module_type")
 
 
 class Builder:
@@ -230,7 +232,7 @@ def explain_escape(m: Match) -> Failure | None:
     if len(m.nodes) == len(m.roots):  # every matched node is a root: nothing can escape
         return None
     inside = set(m.nodes)
-    roots = set(m.roots)
+    roots = m.roots
     for n in m.nodes:
         if n in roots:
             continue
@@ -238,7 +240,7 @@ def explain_escape(m: Match) -> Failure | None:
             if o.is_graph_output():
                 return Failure(f"output {o.name!r} of {_describe(n)} is a graph output, so the node "
                                f"cannot be replaced", n)
-            for u in o.users():
+            for u, _ in o._uses:  # the readers, in order (o.users() without building a list)
                 if u not in inside:
                     return Failure(f"output {o.name!r} of {_describe(n)} is also used by "
                                    f"{_describe(u)} outside the pattern", n)
@@ -303,6 +305,9 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
         graph.insert_before(anchor, n)
         n.meta[PROVENANCE_RULE] = rule.name
         n.meta[PROVENANCE_REPLACED] = replaced
+        for k in SOURCE_META:  # where in the user's model this came from (diffs, reports, torch output)
+            if k in anchor.meta and k not in n.meta:
+                n.meta[k] = anchor.meta[k]
     for old, new in zip(old_outs, outs):
         if new is old:
             continue

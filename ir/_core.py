@@ -515,9 +515,15 @@ class Graph:
     def all_graphs(self) -> Iterator["Graph"]:
         """This graph and every nested subgraph, depth first."""
         yield self
-        for n in self:
-            for sg in n.subgraphs():
-                yield from sg.all_graphs()
+        # walks the node list directly: passes call this on every run, and most nodes
+        # have no attributes, hence no subgraphs
+        n = self._head
+        while n is not None:
+            nxt = n._next
+            if n.attrs:
+                for sg in n.subgraphs():
+                    yield from sg.all_graphs()
+            n = nxt
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {len(self)} nodes)"

@@ -28,11 +28,10 @@ import torch
 import torch.fx
 
 from ir import torch_ops, torch_ops_nn
-
 from ir._core import Model, Node, Tensor, Value
 from ir.dtypes import DataType
-from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, OTHER, TENSOR, TENSOR_LIST,
-                           arg_layout, kwarg_only, overload, returns_list)
+from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, TENSOR, TENSOR_LIST, arg_layout,
+                           kwarg_only, overload, returns_list)
 
 # (op_type, input index) slots that hold statistics or quantization parameters: never trainable.
 _FROZEN_SLOTS = {("BatchNormalization", 3), ("BatchNormalization", 4), ("QuantizeLinear", 1),
@@ -163,8 +162,6 @@ class _Builder:
         self._bind_outputs(n, out)
 
     def fake_quant(self, q: Node, dq: Node) -> None:
-        from ir import torch_ops_nn
-
         zp = q.inputs[2] if len(q.inputs) > 2 else None
         dtype = ONNX_TO_TORCH_DTYPE.get(zp.dtype if zp is not None else DataType.UINT8)
         lo, hi = torch_ops_nn.quant_range(getattr(torch, dtype))
@@ -176,7 +173,6 @@ class _Builder:
         self.env[dq.outputs[0]] = out
 
     def aten_node(self, n: Node) -> None:
-        from ir import torch_ops
         from ir.torch_aten import aten_args
 
         target = overload(n.op_type)

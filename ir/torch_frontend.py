@@ -25,6 +25,8 @@ import sys
 import traceback
 from typing import Any
 
+import torch
+
 from ir._core import Model
 from ir.torch_import import TorchImportError, import_program
 
@@ -70,8 +72,6 @@ def from_torch(module, example_inputs=None, dynamic_shapes=None, *, example_kwar
         TorchImportError: the captured graph holds something graft cannot represent
             (control flow, buffer updates).
     """
-    import torch
-
     if isinstance(module, torch.export.ExportedProgram):
         ep = module
         dim_names: dict[str, str] = {}
@@ -94,24 +94,18 @@ def from_torch(module, example_inputs=None, dynamic_shapes=None, *, example_kwar
         # in-place ops (`x += y`, ReLU(inplace=True), buffer updates): functionalize, keeping every op
         ep = ep.run_decompositions({})
     model = import_program(ep, dim_names)
-    model.meta["torch.in_spec"] = ep.call_spec.in_spec
-    model.meta["torch.out_spec"] = ep.call_spec.out_spec
     if not isinstance(module, torch.export.ExportedProgram):
         model.graph.name = type(module).__name__
     return model
 
 
 def _has_mutation(ep) -> bool:
-    import torch
-
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and
                n.target._schema.is_mutable for n in ep.graph.nodes)
 
 
 # --------------------------------------------------------------------------- inputs
 def _normalize_inputs(module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
-    import torch
-
     kwargs = dict(example_kwargs or {})
     if example_inputs is None:
         args: tuple = ()
@@ -157,8 +151,6 @@ def _shapes(args) -> str:
 
 
 def _describe(t) -> str:
-    import torch
-
     if isinstance(t, torch.Tensor):
         return f"{'x'.join(str(d) for d in t.shape) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
     return type(t).__name__
@@ -181,8 +173,6 @@ def _input_names(module, args, kwargs) -> dict[int, str]:
 
 def _dim_names(ep, args, kwargs, dynamic_shapes, module) -> dict[str, str]:
     """Symbol (``s43``) → ``Dim`` name given in ``dynamic_shapes`` (matched through the input placeholders)."""
-    import torch
-
     if not dynamic_shapes:
         return {}
     per_input: dict[str, Any] = {}
@@ -211,8 +201,6 @@ def _dim_names(ep, args, kwargs, dynamic_shapes, module) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- capture
 def _export(module, args, kwargs, dynamic_shapes, strict):
-    import torch
-
     try:
         with _quiet_torch_logs():
             return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -247,8 +235,6 @@ def _quiet_torch_logs():
 
 def _eager_failure(module, args, kwargs) -> ExampleInputError | None:
     """Run the module eagerly with module hooks; if it fails too, blame the layer and the input."""
-    import torch
-
     stack: list[tuple[str, Any, tuple]] = []
     names = {m: n for n, m in module.named_modules()}
 
@@ -314,11 +300,10 @@ def _kw_shapes(kwargs) -> str:
 
 def _expected(mod) -> str:
     """The input a standard layer expects, in the layer's own numbers."""
-    import torch.nn as nn
-
+    nn = torch.nn
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                         nn.ConvTranspose3d)):
-        spatial = ", ".join("HWD"[i] if i < 3 else f"d{i}" for i in range(len(mod.kernel_size)))
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(len(mod.kernel_size), "...")
         return f"shape [N, {mod.in_channels}, {spatial}] (float)"
     if isinstance(mod, nn.Linear):
         return f"shape [..., {mod.in_features}] (float)"

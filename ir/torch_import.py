@@ -15,11 +15,13 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
+import torch.fx
 
-from ir._core import Model, Node, Value
+from ir._core import Model, Node, Tensor, Value
 from ir.dtypes import DataType
-from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, OTHER, TENSOR, TENSOR_LIST, TORCH_TO_ONNX_DTYPE,
-                           arg_layout, op_type_of, returns_list)
+from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, TENSOR, TENSOR_LIST, TORCH_TO_ONNX_DTYPE, arg_layout,
+                           op_type_of, returns_list)
 
 # Opset of the ONNX ops in a torch-captured model (the frontend's glue and the ATen lowering rules).
 # 18: Reduce* take axes as an input, Split has num_outputs, LayerNormalization (17) exists.
@@ -54,8 +56,6 @@ def torch_dtype(dtype) -> DataType:
 
 def tensor_to_numpy(t) -> np.ndarray:
     """A numpy copy of a torch tensor (bfloat16 / float8 through ``ml_dtypes``)."""
-    import torch
-
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
@@ -92,8 +92,6 @@ class _Importer:
 
     # -- types ------------------------------------------------------------------
     def _dim(self, d):
-        import torch
-
         if isinstance(d, torch.SymInt):
             expr = d.node.expr
             if getattr(expr, "is_number", False):
@@ -103,8 +101,6 @@ class _Importer:
         return int(d)
 
     def _typed(self, v: Value, val) -> Value:
-        import torch
-
         if isinstance(val, torch.Tensor):
             v.dtype = torch_dtype(val.dtype)
             v.shape = tuple(self._dim(d) for d in val.shape)
@@ -128,13 +124,9 @@ class _Importer:
         return v
 
     def _initializer(self, name: str, tensor, kind: str) -> Value:
-        import torch
-
         if not isinstance(tensor, torch.Tensor):
             raise TorchImportError(f"{kind} {name!r} is a {type(tensor).__name__}, not a tensor "
                                    f"(script objects are not supported)")
-        from ir._core import Tensor
-
         v = Value(self.graph.unique_name(name), const=Tensor(tensor_to_numpy(tensor), dtype=torch_dtype(tensor.dtype)))
         v.meta["torch.kind"] = kind
         v.meta["torch.fqn"] = name
@@ -143,8 +135,6 @@ class _Importer:
 
     def _value(self, a, fx_node):
         """IR Value for an fx argument that must be a tensor-like value."""
-        import torch.fx
-
         if isinstance(a, torch.fx.Node):
             got = self.env.get(a)
             if isinstance(got, Value):
@@ -188,8 +178,6 @@ class _Importer:
 
     # -- nodes ------------------------------------------------------------------
     def call(self, n) -> None:
-        import torch
-
         target = n.target
         if target is operator.getitem:
             src = self.env.get(n.args[0])
@@ -226,9 +214,6 @@ class _Importer:
         node.meta["torch.target"] = str(fx_node.target)
 
     def _aten(self, n, op_type: str) -> None:
-        import torch
-        import torch.fx
-
         layout = arg_layout(op_type)
         args, kwargs = n.args, n.kwargs
         inputs: list[Value | None] = []
@@ -298,8 +283,6 @@ class _Importer:
 
     def _int_list(self, items, n, glue: list[Node]) -> Value:
         """A 1-D int64 tensor from a list of ints and symbolic sizes (ONNX Unsqueeze + Concat)."""
-        import torch.fx
-
         parts: list[Value] = []
         pending: list[int] = []
         axes = self._const(np.array([0], dtype=np.int64), f"{n.name}_axes")
@@ -322,8 +305,6 @@ class _Importer:
 
     def _sym(self, n) -> None:
         """Python arithmetic on symbolic sizes as ONNX ops on 0-d tensors."""
-        import torch.fx
-
         name = getattr(n.target, "__name__", "")
         ins = []
         for a in n.args:
@@ -405,8 +386,6 @@ class _Importer:
 
 
 def _has_node(a) -> bool:
-    import torch.fx
-
     if isinstance(a, torch.fx.Node):
         return True
     if isinstance(a, (list, tuple)):
@@ -415,8 +394,6 @@ def _has_node(a) -> bool:
 
 
 def _attr_value(a):
-    import torch
-
     if isinstance(a, torch.dtype):
         return str(a).removeprefix("torch.")
     if isinstance(a, (torch.device, torch.layout, torch.memory_format)):
@@ -471,8 +448,6 @@ def import_program(ep, dim_names: dict[str, str] | None = None) -> Model:
         if n.op == "call_function":
             imp.call(n)
         elif n.op == "get_attr":
-            import torch
-
             obj = getattr(ep.graph_module, n.target)
             if not isinstance(obj, torch.Tensor):
                 raise TorchImportError(f"node {n.name!r} reads submodule {n.target!r}, a branch of control flow "

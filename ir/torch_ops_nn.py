@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ir.torch_ops import _axis, attr_tensor, ints, onnx_op
+from ir.torch_ops import _axis, ints, onnx_op
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}

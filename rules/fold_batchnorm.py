@@ -148,6 +148,21 @@ def _label(node) -> str:
     return node.name or node.outputs[0].name
 
 
+def _param_names(m, weight, bias, node) -> tuple[str, str]:
+    """Names for the folded weight and bias: after the original parameters where they have
+    names (``layer1.conv.weight`` -> ``layer1.conv.weight_folded``, so torch output state dicts
+    still read like the user's model), else after the node."""
+    wname = m.value(weight).name
+    bval = m.value(bias)
+    if bval is not None:
+        bname = bval.name
+    elif wname.endswith("weight"):
+        bname = wname[: -len("weight")] + "bias"
+    else:
+        bname = f"{_label(node)}_bias"
+    return f"{wname}_folded", f"{bname}_folded"
+
+
 def _bias_f64(m, channels: int):
     bias = _const(m, b)
     return np.zeros(channels) if bias is None else bias.astype(np.float64)
@@ -175,8 +190,9 @@ def conv_replacement(op, m):
     wt = _const(m, w)
     new_w = wt.astype(np.float64) * s.reshape((-1,) + (1,) * (wt.ndim - 1))
     new_b = _bias_f64(m, wt.shape[0]) * s + shift
-    return op.Conv(m[x], op.const(new_w.astype(wt.dtype), name=f"{_label(m.conv)}_w_folded"),
-                   op.const(new_b.astype(wt.dtype), name=f"{_label(m.conv)}_b_folded"),
+    wname, bname = _param_names(m, w, b, m.conv)
+    return op.Conv(m[x], op.const(new_w.astype(wt.dtype), name=wname),
+                   op.const(new_b.astype(wt.dtype), name=bname),
                    _name=_label(m.conv), **m.conv.attrs)
 
 
@@ -211,8 +227,9 @@ def conv_transpose_replacement(op, m):
     grouped = wt.astype(np.float64).reshape(group, c_in // group, c_out_g, *kernel)
     new_w = (grouped * s.reshape(group, 1, c_out_g, *(1,) * len(kernel))).reshape(wt.shape)
     new_b = _bias_f64(m, group * c_out_g) * s + shift
-    return op.ConvTranspose(m[x], op.const(new_w.astype(wt.dtype), name=f"{_label(m.convt)}_w_folded"),
-                            op.const(new_b.astype(wt.dtype), name=f"{_label(m.convt)}_b_folded"),
+    wname, bname = _param_names(m, w, b, m.convt)
+    return op.ConvTranspose(m[x], op.const(new_w.astype(wt.dtype), name=wname),
+                            op.const(new_b.astype(wt.dtype), name=bname),
                             _name=_label(m.convt), **m.convt.attrs)
 
 
@@ -246,8 +263,9 @@ def gemm_replacement(op, m):
     bias = _const(m, b)
     new_c = shift if bias is None else float(attrs.get("beta", 1.0)) * bias.astype(np.float64) * s + shift
     attrs["beta"] = 1.0
-    return op.Gemm(m[a], op.const(new_w.astype(wt.dtype), name=f"{_label(m.gemm)}_b_folded"),
-                   op.const(new_c.astype(wt.dtype), name=f"{_label(m.gemm)}_c_folded"),
+    wname, bname = _param_names(m, w, b, m.gemm)
+    return op.Gemm(m[a], op.const(new_w.astype(wt.dtype), name=wname),
+                   op.const(new_c.astype(wt.dtype), name=bname),
                    _name=_label(m.gemm), **attrs)
 
 
@@ -294,9 +312,9 @@ def matmul_replacement(op, m):
     bias = _const(m, b)
     new_w = wt.astype(np.float64) * s[None, :]
     new_b = shift if bias is None else bias.astype(np.float64) * s + shift
-    y = op.MatMul(m[x], op.const(new_w.astype(wt.dtype), name=f"{_label(m.matmul)}_w_folded"),
-                  _name=_label(m.matmul))
-    return op.Add(y, op.const(new_b.astype(wt.dtype), name=f"{_label(m.matmul)}_b_folded"))
+    wname, bname = _param_names(m, w, b, m.matmul)
+    y = op.MatMul(m[x], op.const(new_w.astype(wt.dtype), name=wname), _name=_label(m.matmul))
+    return op.Add(y, op.const(new_b.astype(wt.dtype), name=bname))
 
 
 fold_batchnorm_into_conv = Rule("fold_batchnorm_into_conv", conv_pattern, conv_replacement, check=conv_check)

@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from ir import DataType
-from rules.lower_aten_util import (axis, cast, const, ints, lowering, out_dtype, rank, refuse, static_dim)
+from rules.lower_aten_util import cast, const, ints, lowering, out_dtype, rank, refuse, static_dim
 
 
 def _expand(v, n: int) -> list[int]:

@@ -13,7 +13,7 @@ The lowered graph imports ONNX opset 18 (:data:`ir.torch_import.ONNX_OPSET`).
 """
 from __future__ import annotations
 
-from compiler.passes import FunctionPass, Pipeline, RewritePass, register_pipeline
+from compiler.passes import FunctionPass, Pipeline, RewritePass
 from compiler.rule import RuleSet
 from ir import Model
 from ir.torch_aten import ATEN_DOMAIN
@@ -50,4 +50,3 @@ def lower(model: Model):
     return lower_aten()(model)
 
 
-register_pipeline("lower_aten", lower_aten, lower_aten.__doc__)

@@ -54,6 +54,9 @@ def lowering(op_types, fn: Callable, *, prefix: str = "lower_aten") -> list[Rule
         rule = Rule(f"{prefix}_{slug(op_type)}", pattern, _replacement, doc=(fn.__doc__ or "").strip())
         rule.lower_fn = fn
         rule.replacement = _bind(fn)
+        code = getattr(fn, "__code__", None)
+        if code is not None:  # errors and `graft explain` point at the lowering function, not this helper
+            rule.where = f"{code.co_filename}:{code.co_firstlineno}"
         rules.append(rule)
     return rules
 

@@ -74,5 +74,14 @@ def with_user_rules(pipeline: str | Pipeline | None, rules: Rule | RuleSet | Ite
     return Pipeline(base.name, [*base.passes, RewritePass(ruleset, name)], doc=base.doc)
 
 
+def lower_aten() -> Pipeline:
+    """ATen → ONNX lowering rules to a fixed point, then dead code (runs first for torch input)."""
+    # imported on use: 200+ lowering rules are not needed to compile an ONNX file
+    from rules.lower_aten_pipeline import lower_aten as build
+
+    return build()
+
+
+register_pipeline("lower_aten", lower_aten, lower_aten.__doc__)
 register_pipeline("cleanup", cleanup, cleanup.__doc__)
 register_pipeline("optimize", optimize, optimize.__doc__)

@@ -8,8 +8,11 @@ inputs sliced (``W' = W[keep_out][:, keep_in]``), so the model really shrinks:
 - prune_conv: Conv weight rows (output channels) and columns (input channels), bias;
   ``group`` of a depthwise / grouped Conv becomes kept channels / channels per group;
   bias compensation ``b' = b + sum_{c removed} v_c * sum_k W[:, c, k]`` for removed inputs
-  that held a known constant ``v_c`` (exact: ONNX Conv-11 without padding is linear in
-  each input channel, and a constant channel contributes a constant per output).
+  that held a known constant ``v_c`` (exact: ONNX Conv-11 is linear in each input channel,
+  and without padding a constant channel contributes a constant per output), or, for an
+  input-independent channel that is not uniform at the output (zero padding), the constant
+  map ``Conv(x_removed, W[:, removed])`` added after the Conv (see compiler/pruning/compensate.py).
+- prune_conv_transpose: ConvTranspose weight rows (input channels) and columns (output channels), bias.
 - prune_gemm / prune_matmul: weight columns (output neurons) and rows (inputs), Gemm's C;
   compensation ``C' = C + alpha * v @ B'[removed]`` / ``y' = x' W' + v @ W[removed]``.
 - prune_batchnorm / prune_instancenorm / prune_layernorm: BatchNormalization scale/B/mean/var,
@@ -50,18 +53,27 @@ def _check(name):
     return check
 
 
-def _sliced(op, node, pe, i, extra=None):
-    """Input ``i`` of ``node`` with the plan's slices applied (a new constant), or the input itself."""
+def _sliced(op, node, pe, i):
+    """Input ``i`` of ``node`` with the plan's slices applied (a new constant), or the input itself.
+
+    A constant shared by several nodes and sliced the same way for each becomes one new constant
+    (the plan remembers it), never one copy per reader; the original is never edited.
+    """
     v = node.inputs[i] if i < len(node.inputs) else None
     cuts = pe.slices.get(i)
-    if v is None or (not cuts and extra is None):
+    if v is None or not cuts:
         return v
+    plan = plan_of(node.graph.model)
+    key = (id(v), tuple((axis, keep.tobytes()) for axis, keep in cuts))
+    done = plan.sliced.get(key)
+    if done is not None and done.graph is node.graph and done.name in node.graph.initializers:
+        return done
     arr = np.asarray(v.constant())
-    if extra is not None:
-        arr = extra(arr)
-    for axis, keep in cuts or []:
+    for axis, keep in cuts:
         arr = np.take(arr, keep, axis=axis)
-    return _derived(op.const(arr.astype(v.constant().dtype), name=f"{v.name}_pruned"), v)
+    new = _derived(op.const(arr.astype(v.constant().dtype), name=f"{v.name}_pruned"), v)
+    plan.sliced[key] = new
+    return new
 
 
 def _derived(new, old):
@@ -102,7 +114,10 @@ def conv_replacement(op, m):
         bias = op.const((base.astype(np.float64) + delta).astype(dtype), name=f"{node.name}_bias_pruned")
     if bias is not None:
         ins.append(bias)
-    return _rebuild(op, node, ins, pe.attrs)
+    y = _rebuild(op, node, ins, pe.attrs)
+    if pe.bias_map is None:
+        return y
+    return op.Add(y, op.const(pe.bias_map[None].astype(_dtype(node.inputs[1])), name=f"{node.name}_compensation"))
 
 
 prune_conv = Rule("prune_conv", op.Conv(x, w, op.optional(b), name="conv"), conv_replacement,
@@ -184,6 +199,7 @@ prune_instancenorm = Rule("prune_instancenorm", _node("InstanceNormalization"), 
                           check=_check_kind("sliced"))
 prune_layernorm = Rule("prune_layernorm", _node("LayerNormalization"), _all_sliced, check=_check_kind("sliced"))
 prune_embedding = Rule("prune_embedding", _node("Gather"), _all_sliced, check=_check_kind("sliced"))
+prune_conv_transpose = Rule("prune_conv_transpose", _node("ConvTranspose"), _all_sliced, check=_check_kind("sliced"))
 
 
 # ---------------------------------------------------------------- Split / Slice / Reshape
@@ -235,5 +251,5 @@ prune_shape_literal = Rule("prune_shape_literal", _node("Concat"), _all_sliced, 
 prune_constant_operand = Rule("prune_constant_operand", op.any_op(name="node"), _all_sliced,
                               check=_check_kind("const"))
 
-RULES = [prune_conv, prune_gemm, prune_matmul, prune_batchnorm, prune_instancenorm, prune_layernorm, prune_embedding,
+RULES = [prune_conv, prune_conv_transpose, prune_gemm, prune_matmul, prune_batchnorm, prune_instancenorm, prune_layernorm, prune_embedding,
          prune_split, prune_slice, prune_reshape, prune_shape_literal, prune_constant_operand]

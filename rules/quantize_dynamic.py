@@ -8,9 +8,10 @@ For y = x W with W (K, N) constant (ONNX MatMul-13; Gemm-13 likewise):
 DynamicQuantizeMatMul / MatMulIntegerToFloat; this is the graph its own
 ``quantize_dynamic`` writes, with per-channel weight scales.
 
-Embedding tables (Gather(W, ids) with W constant, axis 0) become
-    Gather(W, ids) = DQ(Gather(q_W, ids), s_W)                 per-tensor int8 (DQ commutes with Gather)
-so the table is stored as int8.
+Embedding tables (Gather(W, ids) with W (V, D) constant, axis 0) are stored as int8 with one
+scale per row (a row's range is its own: position 0 or a padding row can be 10× the others):
+    Gather(W, ids) = Cast(Gather(q_W, ids)) * Gather(s_W, ids),   s_W (V, 1) = max_d |W[v, d]| / 127
+(dequantization commutes with Gather because each gathered row keeps its own scale).
 
 SmoothQuant (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training
 Quantization for Large Language Models", §4): for an activation x with outlier channels,
@@ -26,8 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler import Const, Rule, Var, op
+from compiler import PROVENANCE_RULE, Const, Rule, Var, op
 from compiler.quantization.context import QuantContext
+from compiler.quantization.params import INT8_SYM, quantize, weight_params
 from ir.dtypes import DataType
 from rules.quantize_common import float_activation, is_float_weight, reemit, weight_consts
 
@@ -93,6 +95,8 @@ def dynamic_rules(ctx: QuantContext) -> list[Rule]:
                                  gemm_replacement, check=gemm_check)
 
     def gather_check(m):
+        if m.gather.meta.get(PROVENANCE_RULE) == "quantize_embedding":
+            return m.fail("this Gather reads a table quantize_embedding made (int8 rows or their scales)", m.gather)
         why = ctx.why_not(m.gather)
         if why:
             return m.fail(why, m.gather)
@@ -103,10 +107,21 @@ def dynamic_rules(ctx: QuantContext) -> list[Rule]:
                           f"{ctx.min_weight_elements}", m.gather)
 
     def gather_replacement(op, m):
-        """Gather(W, ids) -> DQ(Gather(int8 W, ids), s_W)."""
-        qv, sv, zv, _ = weight_consts(op, ctx, m.value(w), None)
-        rows = op.Gather(qv, m[ids], axis=0, _name=m.gather.name)
-        return op.DequantizeLinear(rows, sv, zv, _name=f"{m.gather.name}_DequantizeLinear")
+        """Gather(W, ids) -> Cast(Gather(int8 W, ids)) * Gather(row scales, ids)."""
+        table = m[w]
+        p = weight_params(table, 0, INT8_SYM, name=m.value(w).name)
+        key = (m.value(w).name, "rows")
+        hit = ctx.weight_cache.get(key)
+        if hit is not None and all(v.graph is not None for v in hit):
+            qv, sv = hit
+        else:
+            qv = op.const(quantize(table, p), name=f"{m.value(w).name}_quantized")
+            sv = op.const(p.scale.reshape(-1, 1).astype(table.dtype), name=f"{m.value(w).name}_row_scale")
+            ctx.weight_cache[key] = (qv, sv)
+        rows = op.Cast(op.Gather(qv, m[ids], axis=0, _name=m.gather.name), to=int(DataType.from_numpy(table.dtype)),
+                       _name=f"{m.gather.name}_Cast")
+        return op.Mul(rows, op.Gather(sv, m[ids], axis=0, _name=f"{m.gather.name}_scales"),
+                      _name=f"{m.gather.name}_dequantize")
 
     quantize_embedding = Rule("quantize_embedding", op.Gather(w, ids, name="gather"), gather_replacement,
                               check=gather_check)
@@ -114,7 +129,15 @@ def dynamic_rules(ctx: QuantContext) -> list[Rule]:
 
 
 def smoothing_rules(ctx: QuantContext) -> list[Rule]:
-    """SmoothQuant: MatMul(x, W) -> MatMul(x * (1/s), diag(s) W) for x in ``ctx.smoothing``."""
+    """MatMul(x, W) -> MatMul(x[..., idx] * a, W[idx] * b[:, None]) for x in ``ctx.smoothing``.
+
+    With ``Migration(index, a, b)``: Σ_{j: idx_j = k} a_j b_j = 1 for every input channel k, so
+    the product is unchanged. Plain SmoothQuant is idx = identity, a = 1/s, b = s; outlier
+    channel splitting (Zhao et al. 2019, "Improving Neural Network Quantization without
+    Retraining using Outlier Channel Splitting", §3) repeats channel k m_k times with
+    a = 1/m_k, b = 1, dividing its activation range by m_k without growing any weight row.
+    Readers of the same x share one Gather/Mul.
+    """
     x = Var("x", where=lambda v: v.name in ctx.smoothing)
     w = Const("w", where=is_float_weight)
     shared: dict[str, object] = {}
@@ -123,22 +146,33 @@ def smoothing_rules(ctx: QuantContext) -> list[Rule]:
         why = ctx.why_not(m.matmul)
         if why:
             return m.fail(why, m.matmul)
-        s = ctx.smoothing[m[x].name]
-        if m[w].ndim != 2 or m[w].shape[0] != s.shape[0]:
-            return m.fail(f"weight shape {m[w].shape} does not match the smoothing vector ({s.shape[0]})", m.matmul)
+        mig = ctx.smoothing[m[x].name]
+        if m[w].ndim != 2 or m[w].shape[0] != mig.channels:
+            return m.fail(f"weight shape {m[w].shape} does not match the migration ({mig.channels} channels)",
+                          m.matmul)
 
     def replacement(op, m):
-        """MatMul(x, W) -> MatMul(x * (1/s), s[:, None] * W)."""
+        """MatMul(x, W) -> MatMul(x[..., idx] * a, W[idx] * b)."""
         name = m[x].name
-        s = ctx.smoothing[name].astype(np.float64)
+        mig = ctx.smoothing[name]
         prev = shared.get(name)
         if prev is not None and prev.graph is not None:
             xs = prev
         else:
-            xs = op.Mul(m[x], op.const((1.0 / s).astype(np.float32), name=f"{name}_smooth_inv"),
-                        _name=f"{name}_smooth")
+            src = m[x]
+            if mig.index is not None:
+                # index = [0..K-1, extra copies]: copy only the few outlier columns (a Gather on the
+                # last axis copies element by element) and append them to x with one Concat
+                extra = mig.index[mig.channels:]
+                copies = op.Gather(src, op.const(extra.astype(np.int64), name=f"{name}_split_index"), axis=-1,
+                                   _name=f"{name}_split")
+                src = op.Concat(src, copies, axis=-1, _name=f"{name}_split_concat")
+            xs = op.Mul(src, op.const(mig.a.astype(np.float32), name=f"{name}_smooth_scale"), _name=f"{name}_smooth")
             shared[name] = xs
-        w2 = (m[w].astype(np.float64) * s[:, None]).astype(m[w].dtype)
+        wt = m[w].astype(np.float64)
+        if mig.index is not None:
+            wt = wt[mig.index]
+        w2 = (wt * mig.b[:, None]).astype(m[w].dtype)
         return reemit(op, m.matmul, [xs, op.const(w2, name=f"{m.value(w).name}_smoothed")])
 
     smooth = Rule("smooth_matmul_input", op.MatMul(x, w, name="matmul"), replacement, check=check)

@@ -4,6 +4,7 @@
 - :func:`select` ranks classes by ``l1`` / ``l2`` / ``bn_scale`` / ``taylor`` and chooses what to remove.
 - :func:`prune` (or :func:`prune_pipeline` as a pass) removes them with the rules of ``rules/prune.py``
   and returns a :class:`PruneReport` (parameters and MACs per layer, requested vs actual ratio).
+- :func:`prune_torch` prunes a torch model into a smaller, trainable ``torch.fx.GraphModule``.
 - :func:`layer_costs` counts parameters and MACs per layer.
 """
 from compiler.pruning.api import PruneConfig, PruneError, deviation, prune, prune_pipeline, REPORT_KEY
@@ -11,7 +12,8 @@ from compiler.pruning.dependency import Analysis, AnalysisError, Group, analyze
 from compiler.pruning.macs import LayerCost, layer_costs, total_params
 from compiler.pruning.report import PruneReport, layer_diff
 from compiler.pruning.select import SelectionError, select
+from compiler.pruning.torch_path import prune_torch
 
 __all__ = ["Analysis", "AnalysisError", "Group", "LayerCost", "PruneConfig", "PruneError", "PruneReport",
            "REPORT_KEY", "SelectionError", "analyze", "deviation", "layer_costs", "layer_diff", "prune",
-           "prune_pipeline", "select", "total_params"]
+           "prune_pipeline", "prune_torch", "select", "total_params"]

@@ -110,20 +110,25 @@ def attach_report(result, model: Model, torch_module=None) -> None:
 
 
 # --------------------------------------------------------------------------- passes
-def _not_reading_parameters(node) -> bool:
+# ops that only re-lay out a tensor: folding them into a parameter would lose its identity
+_VIEWS = frozenset({"Transpose", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+
+
+def _not_viewing_parameters(node) -> bool:
     from rules.constant_folding import _foldable
 
-    return _foldable(node) and not any(v is not None and v.meta.get("torch.kind") == "parameter"
-                                       for v in node.inputs)
+    return _foldable(node) and not (node.op_type in _VIEWS and any(
+        v is not None and v.meta.get("torch.kind") == "parameter" for v in node.inputs))
 
 
 def _fold_rule():
-    # constant folding as rules/constant_folding.py does it, except on torch parameters: a
+    # constant folding as rules/constant_folding.py does it, except views of torch parameters: a
     # Transpose(W) of a linear layer stays, so the pruned W keeps its state_dict key and stays trainable
+    # (arithmetic such as weight_orig * weight_mask of torch.nn.utils.prune is folded)
     from compiler import Rule, op
     from rules.constant_folding import _fold_check, _fold_replacement
 
-    return Rule("fold_constants_keep_parameters", op.any_op(name="node", where=_not_reading_parameters),
+    return Rule("fold_constants_keep_parameters", op.any_op(name="node", where=_not_viewing_parameters),
                 _fold_replacement, check=_fold_check)
 
 
@@ -132,7 +137,7 @@ def prepare(model: Model) -> int:
     a ``Shape`` of a channel dim must keep following it at run time)."""
     from compiler.rewriter import Rewriter
     from compiler.shapes import infer_shapes
-    from rules import cleanup, constant_folding
+    from rules import cleanup
     from rules.dead_code import eliminate_dead_code
 
     global _FOLD_KEEPING_PARAMETERS
@@ -199,6 +204,11 @@ def finish(model: Model) -> int:
                          f"{left[0].name!r}; the model is inconsistent (please report this with the model)")
     _restore_names(model)
     _reset_shapes(model)
+    from ir.verifier import problems
+
+    broken = problems(model)
+    if broken:
+        raise PruneError(f"pruning left the model inconsistent: {broken[0]} (please report this with the model)")
     after = layer_costs(model, static_shapes(model, config.dim_sizes))
     rows = []
     chosen = {ch.group.id: ch for ch in choices}
@@ -290,8 +300,8 @@ def prune(model: Model, config: PruneConfig | None = None, *, check: bool = Fals
     Args:
         model: an IR model with ONNX ops.
         config: a :class:`PruneConfig`; keyword arguments build one (``prune(m, ratio=0.5)``).
-        check: run the original and pruned model in onnxruntime on the same generated inputs
-            and record the output deviation in the report.
+        check: check the result with ``onnx.checker`` (full_check), run the original and pruned
+            model in onnxruntime on the same generated inputs and record the output deviation.
 
     Raises:
         PruneError / SelectionError: bad request, or nothing prunable.
@@ -304,7 +314,11 @@ def prune(model: Model, config: PruneConfig | None = None, *, check: bool = Fals
     prune_pipeline(config)(model)
     report = model.meta[REPORT_KEY]
     if check:
-        report.deviation = deviation(reference, ir.to_onnx(model), config.dim_sizes)
+        import onnx
+
+        out = ir.to_onnx(model)
+        onnx.checker.check_model(out, full_check=True)
+        report.deviation = deviation(reference, out, config.dim_sizes)
     return report
 
 

@@ -138,6 +138,7 @@ class Analyzer:
         self.sources: list[Source] = []
         self.leaks: list[Leak] = []
         self.deferred: list = []
+        self.rectangular: list = []  # split blocks (heads) to make rectangular after the walk
 
     # -- queries ------------------------------------------------------------
     def shape(self, v: Value | None) -> tuple | None:
@@ -225,6 +226,10 @@ class Analyzer:
             lay = self.layout(v)
             if lay is not None:
                 self.cls.block(lay.atoms, f"its channels reach graph output {v.name!r}, whose shape must not change")
+        from compiler.pruning.ops_shape import rectangularize
+
+        for atoms in self.rectangular:  # before the target checks, which compare class structure
+            rectangularize(self, atoms)
         for check in self.deferred:
             check()
 
@@ -239,7 +244,9 @@ class Analyzer:
 
 
 def _where(node: Node) -> str:
-    return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node (output {node.outputs[0].name!r})"
+    if node.name:
+        return f"{node.op_type} node {node.name!r}"
+    return f"{node.op_type} node (output {node.outputs[0].name!r})"
 
 
 def _edit_kind(node: Node) -> str:
@@ -302,13 +309,15 @@ def _kind(sources: list[Source], members: list[Member], block: int) -> str:
 
 
 def _exactness(an: Analyzer, blocked: dict, inexact: dict) -> dict[int, bool]:
-    """class → removing it is exact: at every contraction reading it, each position is a
-    known constant that can be compensated, or reads all-zero weights."""
+    """class → removing it is exact: at every contraction reading it, each position is a known
+    constant that can be compensated (in the bias, or as a constant map added to the output),
+    or reads all-zero weights."""
     ok: dict[int, bool] = {}
     for leak in an.leaks:
         roots = an.cls.roots(leak.atoms).ravel()
         cval = leak.cval.ravel()
-        fine = leak.wzero.ravel() | ((cval == 0) | (~np.isnan(cval) & leak.compensable))
+        static = leak.static.ravel() if leak.static is not None else ~np.isnan(cval)
+        fine = leak.wzero.ravel() | (cval == 0) | (~np.isnan(cval) & leak.compensable) | (static & leak.map_ok)
         for r, f in zip(roots.tolist(), fine.tolist()):
             ok[r] = ok.get(r, True) and bool(f)
     roots = set(an.cls.roots(np.concatenate([s.atoms.ravel() for s in an.sources])).tolist()) if an.sources else set()

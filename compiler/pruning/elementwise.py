@@ -104,6 +104,16 @@ def unary(node: Node, x: np.ndarray) -> np.ndarray:
         return np.asarray(fn(x, node), dtype=np.float64)
 
 
+def combine_static(node: Node, vals: list[np.ndarray], statics: list[np.ndarray]) -> np.ndarray:
+    """Where the output of n-ary elementwise ``node`` does not depend on the model's input."""
+    every = np.logical_and.reduce(statics)
+    if node.op_type == "Mul":
+        return every | np.logical_or.reduce([v == 0 for v in vals])
+    if node.op_type == "Div":
+        return every | (vals[0] == 0)
+    return every
+
+
 def combine(node: Node, vals: list[np.ndarray]) -> np.ndarray:
     """Output of n-ary elementwise ``node`` from its operands' constant values (NaN unknown)."""
     op = node.op_type

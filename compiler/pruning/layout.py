@@ -103,15 +103,21 @@ class Layout:
         atoms: int64 array, shape = the value's dims along ``axes``.
         cval: float64 array of the same shape: the value at that position when it is a
             known constant for every input (a channel whose weights are all zero), else NaN.
+        static: bool array of the same shape: the position does not depend on the model's input
+            (a known constant, or a constant map such as a constant channel after a padded
+            convolution); default: where ``cval`` is known.
     """
 
     axes: tuple[int, ...]
     atoms: np.ndarray
     cval: np.ndarray
+    static: np.ndarray | None = None
 
     def __post_init__(self):
         if self.cval is None:
             self.cval = np.full(self.atoms.shape, np.nan)
+        known = ~np.isnan(self.cval)
+        self.static = known if self.static is None else (np.asarray(self.static, dtype=bool) | known)
 
 
 @dataclass
@@ -160,6 +166,9 @@ class Leak:
         weight_axis: the weight's input axis (for compensation), None for activation×activation.
         weight: the weight as the op reads it (a transposed parameter already transposed).
         out_atoms: the atoms of the op's output channels (to restrict a compensation to kept ones).
+        static: True where the position does not depend on the input (its value is read off one run).
+        map_ok: a removed static position can be compensated by a constant added to the output
+            (the output's non-batch dims are static in the model).
     """
 
     node: Node
@@ -170,6 +179,8 @@ class Leak:
     weight_axis: int | None
     weight: np.ndarray | None = None
     out_atoms: np.ndarray | None = None
+    static: np.ndarray | None = None
+    map_ok: bool = False
 
 
 @dataclass

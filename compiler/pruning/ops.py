@@ -2,7 +2,8 @@
 
 Each handler ``fn(an, node)`` reads its inputs' layouts from the :class:`Analyzer`,
 records members/edits/leaks, and sets its outputs' layouts. Axis-moving ops
-(Reshape, Transpose, Concat, Split, Slice, Gather, ...) are in :mod:`compiler.pruning.ops_shape`.
+(Reshape, Transpose, Concat, Split, Slice, ...) are in :mod:`compiler.pruning.ops_shape`, the
+sources and contractions (Conv, Gemm, MatMul) in :mod:`compiler.pruning.ops_linear`.
 ONNX operator semantics: https://onnx.ai/onnx/operators/ (Conv-11, Gemm-13, MatMul-13,
 BatchNormalization-15, LayerNormalization-17, Gather-13).
 """
@@ -12,7 +13,7 @@ import numpy as np
 
 from compiler.pruning import elementwise as ew
 from compiler.pruning.dependency import Analyzer, Origin, _where
-from compiler.pruning.layout import Layout, Leak
+from compiler.pruning.layout import Layout
 from ir import Node
 
 
@@ -63,7 +64,8 @@ def join(an: Analyzer, node: Node, operands: list, joint_order: list):
         joint_order: label order for the joint array.
 
     Returns:
-        (joint labels, joint atoms, cval per operand over the joint space) — atoms None when no operand
+        (joint labels, joint atoms, cval per operand, static per operand, both over the joint space) —
+        atoms None when no operand
         carries anything. Constants spanning a joint label become members; other tensors that span
         one with more than one element block the joint atoms.
     """
@@ -79,7 +81,7 @@ def join(an: Analyzer, node: Node, operands: list, joint_order: list):
         if lay is not None:
             carried.append((i, labels, lay))
     if not carried:
-        return None, None, None
+        return None, None, None, None
     carried_labels = {labels[a] for _, labels, lay in carried for a in lay.axes}
     joint = [lab for lab in joint_order if lab in carried_labels]
     jshape = tuple(sizes[lab] for lab in joint)
@@ -90,13 +92,15 @@ def join(an: Analyzer, node: Node, operands: list, joint_order: list):
             atoms = np.array(arr)
         else:
             an.cls.union_arrays(atoms, arr)
-    cvals = []
+    cvals, statics = [], []
     for i, labels in operands:
         v = node.inputs[i]
         lay = an.layout(v)
         if lay is not None:
             cvals.append(np.array(_to_joint(lay.cval, [labels[a] for a in lay.axes], joint, jshape)))
+            statics.append(np.array(_to_joint(lay.static, [labels[a] for a in lay.axes], joint, jshape)))
             continue
+        statics.append(np.full(jshape, v is not None and an.origin_of(node, i) is not None))
         shape = an.shape(v)
         spans = [lab for lab in joint if lab in labels and shape is not None and shape[labels.index(lab)] > 1]
         origin = an.origin_of(node, i)
@@ -120,7 +124,7 @@ def join(an: Analyzer, node: Node, operands: list, joint_order: list):
             an.block(atoms, f"{_where(node)} combines these channels with {v.name!r}, which no prunable layer "
                             f"produces (its dims {spans} cannot shrink with them)")
         cvals.append(np.full(jshape, np.nan))
-    return joint, atoms, cvals
+    return joint, atoms, cvals, statics
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -134,7 +138,7 @@ def h_unary(an: Analyzer, node: Node) -> None:
         an.block(lay.atoms, f"{_where(node)} has non-scalar bounds")
         return
     cval = ew.unary(node, lay.cval) if node.op_type in ew.UNARY else np.full(lay.atoms.shape, np.nan)
-    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval))
+    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval, lay.static))
     for o in node.outputs[1:]:
         if o.name and (o.num_uses or o.is_graph_output()):
             an.block(lay.atoms, f"output {o.name!r} of {_where(node)} is used")
@@ -156,215 +160,18 @@ def h_elementwise(an: Analyzer, node: Node) -> None:
         shape = an.shape(v)
         rank = len(shape) if shape is not None else r
         operands.append((i, list(range(r - rank, r))))
-    joint, atoms, cvals = join(an, node, operands, list(range(r)))
+    joint, atoms, cvals, statics = join(an, node, operands, list(range(r)))
     if atoms is None:
         return
-    an.set_layout(out, Layout(tuple(joint), atoms, ew.combine(node, cvals)))
-
-
-# --------------------------------------------------------------------------- sources / contractions
-def weight_view(v) -> tuple[np.ndarray | None, tuple | None]:
-    """(the weight as the op reads it, where to slice it).
-
-    A constant is sliced where it is read (None). ``Transpose(W)`` of a constant read only
-    there (how linear layers captured from torch look) is sliced on the Transpose's input, so
-    the parameter keeps its identity: the second item is ``(transpose node, perm)``.
-    """
-    if v is None:
-        return None, None
-    arr = v.constant()
-    if arr is not None:
-        return arr, None
-    p = v.producer
-    if p is not None and p.op_type == "Transpose" and p.domain in ("", "ai.onnx") and v.num_uses == 1 \
-            and p.inputs[0] is not None and p.inputs[0].constant() is not None:
-        base = p.inputs[0].constant()
-        perm = list(p.attrs.get("perm", list(reversed(range(base.ndim)))))
-        return np.transpose(base, perm), (p, perm)
-    return None, None
-
-
-def weight_member(an: Analyzer, node: Node, i: int, view, atoms: np.ndarray, axis: int, role: str) -> None:
-    if view is None:
-        an.member(node, i, atoms, (axis,), role)
-    else:
-        tnode, perm = view
-        an.member(tnode, 0, atoms, (perm[axis],), role, kind="const")
-
-
-def _zero_slices(w: np.ndarray, axis: int) -> np.ndarray:
-    """True per index of ``axis`` where the weight slice is all zero."""
-    return ~np.any(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) != 0, axis=1)
+    an.set_layout(out, Layout(tuple(joint), atoms, ew.combine(node, cvals), ew.combine_static(node, cvals, statics)))
 
 
 def _no_padding(node: Node) -> bool:
+    """No padding: a constant input channel stays uniform through the op."""
     pad = node.attrs.get("auto_pad", "NOTSET")
     if isinstance(pad, bytes):
         pad = pad.decode()
     return pad in ("NOTSET", "VALID") and not any(node.attrs.get("pads", []))
-
-
-def h_conv(an: Analyzer, node: Node) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    lay = an.layout(x)
-    wt = w.constant() if w is not None else None
-    bias = b.constant() if b is not None else None
-    if wt is None or wt.ndim < 3 or (b is not None and bias is None):
-        if lay is not None:
-            an.block(lay.atoms, f"{_where(node)} has a weight or bias that is not a constant")
-        return
-    if lay is not None and lay.axes != (1,):
-        an.block(lay.atoms, f"{_where(node)} reads channels on axes {lay.axes}, not the channel axis 1")
-        lay = None
-    group = int(node.attrs.get("group", 1))
-    c_out, cin_g = wt.shape[0], wt.shape[1]
-    out = node.outputs[0]
-    b_or_0 = bias.astype(np.float64) if bias is not None else np.zeros(c_out)
-    e = an.edit(node, "conv")
-    if group == 1:
-        leak = None
-        if lay is not None:
-            an.member(node, 1, lay.atoms, (1,), "consumer")
-            leak = Leak(node, lay.atoms, lay.cval, _zero_slices(wt, 1), _no_padding(node), 1, wt)
-            an.leaks.append(leak)
-        atoms = an.cls.new(c_out)
-        if leak is not None:
-            leak.out_atoms = atoms
-        cval = np.where(_zero_slices(wt, 0), b_or_0, np.nan)
-        an.member(node, 1, atoms, (0,), "producer")
-        if b is not None:
-            an.member(node, 2, atoms, (0,), "bias")
-        an.source(node, atoms, "conv")
-        an.set_layout(out, Layout((1,), atoms, cval))
-        return
-    if lay is None:
-        return  # a grouped conv over channels nothing can prune: its output channels are fixed too
-    c_in = cin_g * group
-    if lay.atoms.shape != (c_in,) or c_out % group:
-        an.block(lay.atoms, f"{_where(node)}: group={group} does not divide its channels")
-        return
-    cout_g = c_out // group
-    if cin_g == 1:  # depthwise (channel multiplier cout_g): output o reads input o // cout_g
-        atoms = np.repeat(lay.atoms, cout_g)
-        cin_cval = np.repeat(lay.cval, cout_g)
-        wsum = wt.reshape(c_out, -1).astype(np.float64).sum(axis=1)
-        cval = np.where(_zero_slices(wt, 0) | (cin_cval == 0), b_or_0,
-                        np.where(np.isnan(cin_cval) | (not _no_padding(node)), np.nan, cin_cval * wsum + b_or_0))
-        e.info["group"] = ("depthwise", cout_g)
-    else:  # grouped: channels of one group go together
-        for k in range(group):
-            an.cls.union_all(lay.atoms[k * cin_g:(k + 1) * cin_g])
-        atoms = np.repeat(lay.atoms[::cin_g], cout_g)
-        an.cls.union_arrays(atoms, np.repeat(lay.atoms[::cin_g], cout_g))
-        cval = np.full(c_out, np.nan)
-        e.info["group"] = ("grouped", cout_g)
-    an.member(node, 1, atoms, (0,), "producer")
-    if b is not None:
-        an.member(node, 2, atoms, (0,), "bias")
-    an.set_layout(out, Layout((1,), atoms, cval))
-
-
-def h_gemm(an: Analyzer, node: Node) -> None:
-    a_in = node.inputs[0]
-    c = node.inputs[2] if len(node.inputs) > 2 else None
-    lay = an.layout(a_in)
-    wt, view = weight_view(node.inputs[1])
-    trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
-    cc = c.constant() if c is not None else None
-    if wt is None or wt.ndim != 2 or (c is not None and cc is None):
-        if lay is not None:
-            an.block(lay.atoms, f"{_where(node)} has a B or C input that is not a constant")
-        return
-    leak = None
-    if lay is not None:
-        if trans_a or lay.axes != (1,):
-            an.block(lay.atoms, f"{_where(node)} reads the channels transposed (transA=1)")
-        else:
-            k_axis = 1 if trans_b else 0
-            weight_member(an, node, 1, view, lay.atoms, k_axis, "consumer")
-            leak = Leak(node, lay.atoms, lay.cval, _zero_slices(wt, k_axis), True, k_axis, wt)
-            an.leaks.append(leak)
-    n_axis = 0 if trans_b else 1
-    n = wt.shape[n_axis]
-    atoms = an.cls.new(n)
-    if leak is not None:
-        leak.out_atoms = atoms
-    weight_member(an, node, 1, view, atoms, n_axis, "producer")
-    cval = np.where(_zero_slices(wt, n_axis), 0.0, np.nan)
-    if cc is not None:
-        beta = float(node.attrs.get("beta", 1.0))
-        if cc.ndim >= 1 and cc.shape[-1] == n and n > 1:
-            an.member(node, 2, atoms, (cc.ndim - 1,), "bias")
-            col = cc.reshape(-1, n).astype(np.float64)
-            uniform = np.all(col == col[:1], axis=0)
-            cval = np.where(uniform, cval + beta * col[0], np.nan)
-        else:
-            cval = cval + beta * float(np.asarray(cc, dtype=np.float64).ravel()[0]) if cc.size == 1 else \
-                np.full(n, np.nan)
-    an.source(node, atoms, "linear")
-    an.set_layout(node.outputs[0], Layout((1,), atoms, cval))
-
-
-def h_matmul(an: Analyzer, node: Node) -> None:
-    a_in, b_in = node.inputs
-    la, lb = an.layout(a_in), an.layout(b_in)
-    wt, view = weight_view(b_in)
-    out = node.outputs[0]
-    sa, sb, so = an.shape(a_in), an.shape(b_in), an.shape(out)
-    if sa is None or sb is None or so is None:
-        an.block_inputs(node, f"{_where(node)} has operands of unknown shape")
-        return
-    if wt is not None and wt.ndim == 2 and len(sa) >= 2:
-        leak = None
-        if la is not None:
-            if la.axes != (len(sa) - 1,):
-                an.block(la.atoms, f"{_where(node)} multiplies a constant weight with channels on axes {la.axes}")
-            else:
-                weight_member(an, node, 1, view, la.atoms, 0, "consumer")
-                leak = Leak(node, la.atoms, la.cval, _zero_slices(wt, 0), True, 0, wt)
-                an.leaks.append(leak)
-        atoms = an.cls.new(wt.shape[1])
-        if leak is not None:
-            leak.out_atoms = atoms
-        weight_member(an, node, 1, view, atoms, 1, "producer")
-        an.source(node, atoms, "linear")
-        an.set_layout(out, Layout((len(so) - 1,), atoms, np.where(_zero_slices(wt, 1), 0.0, np.nan)))
-        return
-    if la is None and lb is None:
-        return
-    if len(sa) < 2 or len(sb) < 2 or a_in.constant() is not None or wt is not None:
-        an.block_inputs(node, f"{_where(node)} is a MatMul form the analysis does not follow "
-                              f"(1-D operand or a constant left/batched operand)")
-        return
-    r = len(so)
-    lab_a = [("b", i + r - len(sa)) for i in range(len(sa) - 2)] + ["m", "k"]
-    lab_b = [("b", i + r - len(sb)) for i in range(len(sb) - 2)] + ["k", "n"]
-    lab_o = [("b", i) for i in range(r - 2)] + ["m", "n"]
-    joint, atoms, cvals = join(an, node, [(0, lab_a), (1, lab_b)], lab_o + ["k"])
-    if atoms is None:
-        return
-    kept = [lab for lab in joint if lab in lab_o]
-    contracted = [d for d, lab in enumerate(joint) if lab not in lab_o]
-    zero = (cvals[0] == 0) | (cvals[1] == 0)
-    if contracted:
-        moved = np.moveaxis(atoms, contracted, list(range(len(joint) - len(contracted), len(joint))))
-        rest = moved.reshape(moved.shape[:len(kept)] + (-1,))
-        zmoved = np.moveaxis(zero, contracted, list(range(len(joint) - len(contracted), len(joint))))
-        zrest = np.all(zmoved.reshape(zmoved.shape[:len(kept)] + (-1,)), axis=-1)
-        if not kept:  # fully contracted: the classes flow into values no class owns
-            flat = rest.reshape(-1)
-            an.leaks.append(Leak(node, flat, np.where(np.broadcast_to(zero, atoms.shape).ravel(), 0.0, np.nan),
-                                 np.zeros(flat.size, dtype=bool), False, None))
-            return
-        for idx in np.ndindex(rest.shape[:-1]):
-            an.cls.union_all(rest[idx])
-        atoms_out = rest[..., 0]
-        cval_out = np.where(zrest, 0.0, np.nan)
-    else:
-        atoms_out, cval_out = atoms, np.where(zero, 0.0, np.nan)
-    axes = tuple(lab_o.index(lab) for lab in kept)
-    an.set_layout(out, Layout(axes, np.ascontiguousarray(atoms_out), cval_out))
 
 
 def h_batchnorm(an: Analyzer, node: Node) -> None:
@@ -382,7 +189,7 @@ def h_batchnorm(an: Analyzer, node: Node) -> None:
         an.member(node, i, lay.atoms, (0,), "norm.scale" if i == 1 else "norm")
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     s = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
-    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, lay.cval * s + (beta - mean * s)))
+    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, lay.cval * s + (beta - mean * s), lay.static))
 
 
 def h_instancenorm(an: Analyzer, node: Node) -> None:
@@ -395,7 +202,7 @@ def h_instancenorm(an: Analyzer, node: Node) -> None:
     an.member(node, 2, lay.atoms, (0,), "norm")
     # a constant channel normalizes to 0, so the output is the shift B
     cval = np.where(np.isnan(lay.cval), np.nan, params[1].astype(np.float64))
-    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval))
+    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval, lay.static))
 
 
 def h_layernorm(an: Analyzer, node: Node) -> None:
@@ -448,7 +255,8 @@ def h_gather(an: Analyzer, node: Node) -> None:
         an.block(lay.atoms, f"{_where(node)} gathers along the channel axis")
         return
     shift = len(si) - 1
-    an.set_layout(out, Layout(tuple(a if a < axis else a + shift for a in lay.axes), lay.atoms, lay.cval))
+    an.set_layout(out, Layout(tuple(a if a < axis else a + shift for a in lay.axes), lay.atoms, lay.cval,
+                              lay.static))
 
 
 def h_pool(an: Analyzer, node: Node) -> None:
@@ -475,7 +283,7 @@ def h_pool(an: Analyzer, node: Node) -> None:
         cval = np.where(cval == 0, 0.0, np.nan)
     elif op in ("LpPool", "GlobalLpPool"):
         cval = np.where(cval == 0, 0.0, np.nan)
-    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval))
+    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval, lay.static))
 
 
 def h_reduce(an: Analyzer, node: Node) -> None:
@@ -493,13 +301,19 @@ def h_reduce(an: Analyzer, node: Node) -> None:
         axes = [] if int(node.attrs.get("noop_with_empty_axes", 0)) else list(range(r))
     axes = sorted(int(a) % r for a in axes)
     if any(a in lay.axes for a in axes):
-        an.block(lay.atoms, f"{_where(node)} reduces over the channel axis")
+        if not all(a in axes for a in lay.axes):
+            an.block(lay.atoms, f"{_where(node)} reduces over some of the channel axes {lay.axes}")
+            return
+        # a statistic over the channels (a decomposed LayerNorm's mean): the output carries no channel,
+        # but its value depends on all of them
+        an.cls.mark_inexact(lay.atoms, f"{_where(node)} reduces over these channels: removing any changes "
+                                       f"the result")
         return
     keep = int(node.attrs.get("keepdims", 1))
     new_axes = lay.axes if keep else tuple(a - sum(1 for b in axes if b < a) for a in lay.axes)
     cval = lay.cval if node.op_type in ("ReduceMean", "ReduceMax", "ReduceMin") else np.where(
         lay.cval == 0, 0.0, np.nan)
-    an.set_layout(node.outputs[0], Layout(new_axes, lay.atoms, cval))
+    an.set_layout(node.outputs[0], Layout(new_axes, lay.atoms, cval, lay.static))
 
 
 def h_softmax(an: Analyzer, node: Node) -> None:
@@ -510,9 +324,9 @@ def h_softmax(an: Analyzer, node: Node) -> None:
     axis = int(node.attrs.get("axis", default)) % r
     touched = [axis] if an.model.opset >= 13 else list(range(axis, r))
     if any(a in lay.axes for a in touched):
-        an.block(lay.atoms, f"{_where(node)} normalizes across the channel axis")
-        return
-    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, np.full(lay.atoms.shape, np.nan)))
+        an.cls.mark_inexact(lay.atoms, f"{_where(node)} normalizes across these channels: removing any changes "
+                                       f"the others' values")
+    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, np.full(lay.atoms.shape, np.nan), lay.static))
 
 
 def h_passive(an: Analyzer, node: Node) -> None:
@@ -521,10 +335,11 @@ def h_passive(an: Analyzer, node: Node) -> None:
 
 def _handlers():
     from compiler.pruning import ops_shape
+    from compiler.pruning.ops_linear import h_conv, h_conv_transpose, h_gemm, h_matmul
 
     table = {op: h_unary for op in (*ew.UNARY, *ew.UNARY_OPAQUE)}
     table.update({op: h_elementwise for op in ew.ELEMENTWISE})
-    table.update({"Conv": h_conv, "Gemm": h_gemm, "MatMul": h_matmul, "BatchNormalization": h_batchnorm,
+    table.update({"Conv": h_conv, "ConvTranspose": h_conv_transpose, "Gemm": h_gemm, "MatMul": h_matmul, "BatchNormalization": h_batchnorm,
                   "InstanceNormalization": h_instancenorm, "LayerNormalization": h_layernorm,
                   "Gather": h_gather, "Shape": h_passive, "Size": h_passive,
                   "Softmax": h_softmax, "LogSoftmax": h_softmax, "Hardmax": h_softmax})
@@ -537,7 +352,7 @@ def _handlers():
     return table
 
 
-SOURCES = frozenset({"Conv", "Gemm", "MatMul", "Gather"})
+SOURCES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"})
 # ops that carry a constant through broadcasting (class tokens expanded to the batch)
 ORIGIN_OPS = frozenset({"Expand", "Identity", "Cast"})
 HANDLERS = _handlers()

@@ -4,8 +4,9 @@ Concat, Split, Slice, Expand, Tile (ONNX semantics, https://onnx.ai/onnx/operato
 A Reshape is read as groups of input axes whose product equals a group of output
 axes. Merging channel × spatial into one axis (Flatten before a linear layer)
 repeats each channel's atom over its spatial block; splitting a hidden dim into
-(heads, head size) unites each head's positions, so heads are removed whole and
-every kept mask stays rectangular. A target shape's literals on a carried axis are
+(heads, head size) — or (q/k/v, heads, head size) — unites each head's positions, so
+heads are removed whole; after the walk, :func:`rectangularize` makes sure every such
+block can only lose whole slices along one axis, so every kept mask stays rectangular. A target shape's literals on a carried axis are
 rewritten at removal; run-time dims (``Shape(x)[k]``) must read an axis carrying the
 same classes, or the reshape blocks.
 """
@@ -70,7 +71,7 @@ def map_reshape(an: Analyzer, node: Node, lay: Layout, ish: tuple, osh: tuple) -
         if len(ia1) == 1 and len(oa1) == 1 and ia1[0] in lay.axes:
             moved[ia1[0]] = oa1[0]
     if len(moved) == len(lay.axes):
-        return Layout(tuple(moved[a] for a in lay.axes), lay.atoms, lay.cval)
+        return Layout(tuple(moved[a] for a in lay.axes), lay.atoms, lay.cval, lay.static)
     if len(seg) != 1 or any(a not in seg[0][0] for a in lay.axes):
         an.block(lay.atoms, f"{_where(node)} spreads the channel axes {lay.axes} over several output axes")
         return None
@@ -81,16 +82,39 @@ def map_reshape(an: Analyzer, node: Node, lay: Layout, ish: tuple, osh: tuple) -
         shape = tuple(ish[i] for i in ia_use)
         atoms = np.array(_to_joint(lay.atoms, list(lay.axes), ia_use, shape)).ravel()
         cval = np.array(_to_joint(lay.cval, list(lay.axes), ia_use, shape)).ravel()
-        return Layout((oa_use[0],), atoms, cval)
-    if len(ia_use) == 1 and len(oa_use) > 1:  # split: (heads, head size)
+        static = np.array(_to_joint(lay.static, list(lay.axes), ia_use, shape)).ravel()
+        return Layout((oa_use[0],), atoms, cval, static)
+    if len(ia_use) == 1 and len(oa_use) > 1:  # split: (heads, head size), or (q/k/v, heads, head size)
         shape = tuple(osh[o] for o in oa_use)
         atoms = lay.atoms.reshape(shape)
-        for row in atoms.reshape(shape[0], -1):
+        for row in atoms.reshape(-1, shape[-1]):  # a head's positions go together
             an.cls.union_all(row)
-        return Layout(tuple(oa_use), atoms, lay.cval.reshape(shape))
+        an.rectangular.append(atoms)
+        return Layout(tuple(oa_use), atoms, lay.cval.reshape(shape), lay.static.reshape(shape))
     an.block(lay.atoms, f"{_where(node)} regroups the channel axes ({list(ish)} -> {list(osh)}) in a way the "
                         f"analysis does not follow")
     return None
+
+
+def rectangularize(an: Analyzer, atoms: np.ndarray) -> None:
+    """Unite a split block so that its classes depend on one axis only.
+
+    Any selection then removes whole slices along that axis and the kept positions form a
+    rectangle (the reshape back and every slice of it stay valid). The axis kept apart is the
+    one the classes already vary along most (the head axis, once attention has united q, k
+    and v of each head).
+    """
+    roots = an.cls.roots(atoms)
+    if atoms.ndim < 2 or len(np.unique(roots)) == 1:
+        return
+    best, best_n = 0, -1
+    for k in range(atoms.ndim):
+        moved = np.moveaxis(roots, k, 0).reshape(atoms.shape[k], -1)
+        n = len({frozenset(row.tolist()) for row in moved})
+        if n > best_n:
+            best, best_n = k, n
+    for row in np.moveaxis(atoms, best, 0).reshape(atoms.shape[best], -1):
+        an.cls.union_all(row)
 
 
 def _to_joint(arr, labels, joint, shape):
@@ -168,7 +192,7 @@ def h_transpose(an: Analyzer, node: Node) -> None:
     new = [perm.index(a) for a in lay.axes]
     order = sorted(range(len(new)), key=lambda k: new[k])
     an.set_layout(node.outputs[0], Layout(tuple(sorted(new)), np.ascontiguousarray(np.transpose(lay.atoms, order)),
-                                          np.transpose(lay.cval, order)))
+                                          np.transpose(lay.cval, order), np.transpose(lay.static, order)))
 
 
 def _axes_arg(an: Analyzer, node: Node, rank: int) -> list | None:
@@ -189,7 +213,7 @@ def h_unsqueeze(an: Analyzer, node: Node) -> None:
         an.block(lay.atoms, f"{_where(node)} has axes known only at run time")
         return
     kept = [j for j in range(r_out) if j not in axes]
-    an.set_layout(node.outputs[0], Layout(tuple(kept[a] for a in lay.axes), lay.atoms, lay.cval))
+    an.set_layout(node.outputs[0], Layout(tuple(kept[a] for a in lay.axes), lay.atoms, lay.cval, lay.static))
 
 
 def h_squeeze(an: Analyzer, node: Node) -> None:
@@ -201,11 +225,12 @@ def h_squeeze(an: Analyzer, node: Node) -> None:
             an.block(lay.atoms, f"{_where(node)} has axes known only at run time")
             return
         axes = [a for a, d in enumerate(ish) if d == 1]
-    if any(a in lay.axes for a in axes):
-        an.block(lay.atoms, f"{_where(node)} squeezes a channel axis")
-        return
+    gone = [lay.axes.index(a) for a in axes if a in lay.axes]  # a carried axis of size 1 (q of packed q/k/v)
+    atoms, cval, static = (np.squeeze(arr, axis=tuple(gone)) if gone else arr
+                           for arr in (lay.atoms, lay.cval, lay.static))
     kept = [a for a in range(len(ish)) if a not in axes]
-    an.set_layout(node.outputs[0], Layout(tuple(kept.index(a) for a in lay.axes), lay.atoms, lay.cval))
+    an.set_layout(node.outputs[0], Layout(tuple(kept.index(a) for a in lay.axes if a not in axes), atoms, cval,
+                                          static))
 
 
 def h_concat(an: Analyzer, node: Node) -> None:
@@ -222,24 +247,27 @@ def h_concat(an: Analyzer, node: Node) -> None:
                 if lay is not None:
                     an.block(lay.atoms, f"{_where(node)} concatenates channels laid out differently")
             return
-        parts, cvals = [], []
+        parts, cvals, statics = [], [], []
         for v, lay in zip(node.inputs, lays):
             if lay is not None:
                 parts.append(lay.atoms)
                 cvals.append(lay.cval)
+                statics.append(lay.static)
             else:
                 fresh = an.cls.new(an.shape(v)[axis])
                 an.block(fresh, f"{_where(node)} concatenates {v.name!r}, which no prunable layer produces")
                 parts.append(fresh)
                 cvals.append(np.full(fresh.shape, np.nan))
-        an.set_layout(out, Layout((axis,), np.concatenate(parts), np.concatenate(cvals)))
+                statics.append(np.zeros(fresh.shape, dtype=bool))
+        an.set_layout(out, Layout((axis,), np.concatenate(parts), np.concatenate(cvals), np.concatenate(statics)))
         return
     operands = [(i, list(range(r))) for i, v in enumerate(node.inputs) if v is not None]
-    joint, atoms, cv = join(an, node, operands, [a for a in range(r) if a != axis])
+    joint, atoms, cv, statics = join(an, node, operands, [a for a in range(r) if a != axis])
     if atoms is None:
         return
     same = np.all([np.array_equal(c, cv[0], equal_nan=True) for c in cv])
-    an.set_layout(out, Layout(tuple(joint), atoms, cv[0] if same else np.full(atoms.shape, np.nan)))
+    an.set_layout(out, Layout(tuple(joint), atoms, cv[0] if same else np.full(atoms.shape, np.nan),
+                              np.logical_and.reduce(statics)))
 
 
 def _split_sizes(an: Analyzer, node: Node, dim: int) -> list | None:
@@ -260,7 +288,7 @@ def h_split(an: Analyzer, node: Node) -> None:
     axis = int(node.attrs.get("axis", 0)) % r
     if axis not in lay.axes:
         for o in node.outputs:
-            an.set_layout(o, Layout(lay.axes, lay.atoms, lay.cval))
+            an.set_layout(o, Layout(lay.axes, lay.atoms, lay.cval, lay.static))
         return
     p = lay.axes.index(axis)
     sizes = _split_sizes(an, node, an.shape(x)[axis])
@@ -270,7 +298,8 @@ def h_split(an: Analyzer, node: Node) -> None:
     parts, off = [], 0
     for o, s in zip(node.outputs, sizes):
         idx = np.arange(off, off + s)
-        part = Layout(lay.axes, np.take(lay.atoms, idx, axis=p), np.take(lay.cval, idx, axis=p))
+        part = Layout(lay.axes, np.take(lay.atoms, idx, axis=p), np.take(lay.cval, idx, axis=p),
+                      np.take(lay.static, idx, axis=p))
         parts.append(part.atoms)
         an.set_layout(o, part)
         off += s
@@ -295,7 +324,7 @@ def h_slice(an: Analyzer, node: Node) -> None:
         starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
         axes = list(node.attrs.get("axes", range(len(starts))))
         steps = [1] * len(starts)
-    atoms, cval, cuts = lay.atoms, lay.cval, []
+    atoms, cval, static, cuts = lay.atoms, lay.cval, lay.static, []
     for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps)):
         a = int(a) % len(ish)
         if a not in lay.axes:
@@ -309,7 +338,8 @@ def h_slice(an: Analyzer, node: Node) -> None:
         p = lay.axes.index(a)
         cuts.append((k, a, p, s, e, np.take(atoms, np.arange(n), axis=p)))
         atoms, cval = np.take(atoms, np.arange(s, e), axis=p), np.take(cval, np.arange(s, e), axis=p)
-    an.set_layout(node.outputs[0], Layout(lay.axes, atoms, cval))
+        static = np.take(static, np.arange(s, e), axis=p)
+    an.set_layout(node.outputs[0], Layout(lay.axes, atoms, cval, static))
     if cuts:
         an.edit(node, "slice").info["cuts"] = cuts
 
@@ -333,7 +363,7 @@ def h_expand(an: Analyzer, node: Node) -> None:
         if not all(expands_to_one(a) for a in lay.axes):
             an.block(lay.atoms, f"{_where(node)} expands to a shape that fixes the channel count")
             return
-        an.set_layout(out, Layout(tuple(a + shift for a in lay.axes), lay.atoms, lay.cval))
+        an.set_layout(out, Layout(tuple(a + shift for a in lay.axes), lay.atoms, lay.cval, lay.static))
         return
     origin = an.origin_of(node, 0)
     if origin is None or not all(expands_to_one(i) for i in range(len(sx)) if sx[i] > 1):
@@ -348,7 +378,7 @@ def h_tile(an: Analyzer, node: Node) -> None:
     if reps is None or any(int(reps.ravel()[a]) != 1 for a in lay.axes):
         an.block(lay.atoms, f"{_where(node)} repeats along the channel axis")
         return
-    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, lay.cval))
+    an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, lay.cval, lay.static))
 
 
 HANDLERS = {"Reshape": h_reshape, "Flatten": h_flatten, "Transpose": h_transpose, "Unsqueeze": h_unsqueeze,

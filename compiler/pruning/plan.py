@@ -4,13 +4,8 @@ For every node the analysis recorded, the plan says which indices of which axis 
 which constant input to keep, and the op-specific consequences: a depthwise or
 grouped Conv's new ``group``, a Split's new sizes, a Slice's new bounds on the
 channel axis, the literals of a Reshape target that name a channel count, and the
-bias compensation of a consumer whose removed inputs were known constants:
-
-    Conv:   b'[o] = b[o] + sum_{c removed} v_c * sum_{kh,kw} W[o, c, kh, kw]   (valid without padding)
-    MatMul: y' = x' @ W' + sum_{k removed} v_k * W[k, :]
-    Gemm:   C' = C + alpha * sum_{k removed} v_k * B'[k, :]   (B' = B^T if transB)
-
-where ``v`` is the constant the removed channel held. The plan lives in
+compensation of a consumer whose removed inputs did not depend on the model's
+input (:mod:`compiler.pruning.compensate`). The plan lives in
 ``model.meta["graft.prune_plan"]`` between the analysis pass and the rewrite pass.
 """
 from __future__ import annotations
@@ -41,6 +36,8 @@ class PlanEdit:
         shape: a new constant target for a Reshape; literals: (input, element) → value for the
             constant pieces of a Concat that builds a target shape.
         bias_delta: added to the output per output channel (compensation).
+        bias_map: added to a Conv's output, shape (1, C_out', H_out, W_out): the compensation of removed
+            input-independent channels that are not uniform (a constant channel after zero padding).
     """
 
     node: Node
@@ -52,6 +49,7 @@ class PlanEdit:
     shape: np.ndarray | None = None
     literals: dict[tuple[int, int], int] = field(default_factory=dict)
     bias_delta: np.ndarray | None = None
+    bias_map: np.ndarray | None = None
 
     def add_slice(self, input: int, axis: int, keep: np.ndarray) -> None:
         have = self.slices.setdefault(input, [])
@@ -66,9 +64,15 @@ class PlanEdit:
 
 @dataclass
 class Plan:
+    """The per-node edits, the removed classes, and what the selection chose (with the reasons).
+
+    ``sliced`` remembers the constants the rules made, keyed by (original value, slices), so a
+    constant shared by several nodes is sliced once."""
+
     edits: dict[Node, PlanEdit]
     removed: set[int]
     choices: list[Choice]
+    sliced: dict = field(default_factory=dict)
 
 
 def _axis_keeps(mask: np.ndarray, where: str) -> list[np.ndarray]:
@@ -146,8 +150,9 @@ def build(analysis: Analysis, choices: list[Choice]) -> Plan:
                     pe.shape[piece.index] = new
                 else:
                     edit_of(piece.node, "shape_literal").literals[(piece.input, piece.index)] = new
-    for leak in analysis.leaks:
-        _compensate(leak, keep_mask(leak.atoms), keep_mask, edit_of)
+    from compiler.pruning.compensate import compensate
+
+    compensate(analysis, keep_mask, edit_of)
     return Plan(edits, removed, choices)
 
 
@@ -162,30 +167,6 @@ def _kept_along(pe: PlanEdit, input: int, axis: int, full: int) -> int:
         if ax == axis:
             return len(keep)
     return full
-
-
-def _compensate(leak, keep: np.ndarray, keep_mask, edit_of) -> None:
-    """Fold removed known-constant inputs of a contraction into its bias (restricted to kept outputs)."""
-    if leak.weight_axis is None or leak.weight is None:
-        return
-    cval = leak.cval.ravel()
-    removed = ~keep.ravel() & ~np.isnan(cval) & (cval != 0) & ~leak.wzero.ravel()
-    if not removed.any() or not leak.compensable:
-        return
-    node = leak.node
-    w = leak.weight.astype(np.float64)
-    idx = np.flatnonzero(removed)
-    v = cval[idx]
-    if node.op_type == "Conv":
-        delta = w[:, idx].reshape(w.shape[0], len(idx), -1).sum(axis=2) @ v
-    elif node.op_type == "MatMul":
-        delta = v @ w[idx, :]
-    else:  # Gemm
-        wk = w.T if node.attrs.get("transB", 0) else w
-        delta = float(node.attrs.get("alpha", 1.0)) * (v @ wk[idx, :])
-    if leak.out_atoms is not None:
-        delta = delta[keep_mask(leak.out_atoms)]
-    edit_of(node, node.op_type.lower()).bias_delta = delta
 
 
 def store(model: Model, plan: Plan) -> None:

@@ -103,12 +103,17 @@ def _upgrade(model: ir.Model, opset: int) -> ir.Model:
     return ir.from_onnx(conv)
 
 
-def prepare(model: ir.Model, pipeline: str | None = "optimize") -> ir.Model:
-    """Run the float clean-up pipeline (BN folding, constant folding, ...) and shape inference in place."""
+def prepare(model: ir.Model, pipeline: str | None = "optimize", simplify: bool = True) -> ir.Model:
+    """In place: the float pipeline (BN folding, constant folding, ...), constant Reshape specs where
+    symbolic shapes prove them (:mod:`compiler.quantization.prepare`), and shape inference."""
     if pipeline:
         from compiler.passes import get_pipeline
 
         get_pipeline(pipeline)(model)
+    if simplify:
+        from compiler.quantization.prepare import simplify_shapes
+
+        simplify_shapes(model)
     from compiler.shapes import infer_shapes
 
     infer_shapes(model)
@@ -133,9 +138,10 @@ def _eval_feeds(eval_data, calibration, model, limit: int = 64):
 def quantize(model, mode: str = "static", calibration=None, *, exclude=None, calib_method: str = "minmax",
              percentile: float = 99.99, activation: str = "uint8", op_types=None, block_size: int = 32,
              min_weight_elements: int = 0, smooth=None, prepare_pipeline: str | None = "optimize",
+             simplify_shapes: bool = True,
              upgrade_opset: bool = False, eval_data=None, report: bool = True, progress: bool = True,
-             threads: int = 0, accuracy_target: float | None = None, max_float_layers: int = 8
-             ) -> QuantizeResult:
+             threads: int = 0, accuracy_target: float | None = None, max_float_layers: int = 8,
+             accuracy_metric=None) -> QuantizeResult:
     """Quantize ``model`` to int8 (or int4 weight-only).
 
     Args:
@@ -151,16 +157,20 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
         op_types: op types to quantize (static default: Conv, Gemm, MatMul, Add, Mul, pools).
         block_size: weight-only block length along K.
         min_weight_elements: weights with fewer elements stay float (dynamic / weight-only).
-        smooth: dynamic only — SmoothQuant migration strength α in [0, 1], ``"auto"`` to pick α per
-            activation by the layer's simulated error, or None for none.
+        smooth: dynamic only — SmoothQuant migration strength α in [0, 1], ``"split"`` to split
+            outlier channels (see :mod:`compiler.quantization.smooth`), or None for none.
         prepare_pipeline: float pipeline run first (None: only shape inference).
+        simplify_shapes: make Reshape specs constant where symbolic shapes prove them (float-exact).
         upgrade_opset: convert the model to the opset the format needs instead of raising.
         eval_data: held-out feeds for the accuracy report (default: the calibration data).
         report: build the accuracy report.
         progress: progress bars.
         threads: onnxruntime intra-op threads for calibration/evaluation (0: default).
-        accuracy_target: dynamic/static — minimum output cosine on the calibration data; the layers
-            losing the most are kept in float (at most ``max_float_layers``) until it is met.
+        accuracy_target: minimum score on the calibration data; the layers adding the most noise
+            are kept in float (at most ``max_float_layers``) until it is met
+            (:mod:`compiler.quantization.fallback`).
+        accuracy_metric: ``(float outputs, quantized outputs, feed) -> score`` per sample for
+            ``accuracy_target`` (default: the minimum output cosine).
 
     Returns:
         :class:`QuantizeResult`.
@@ -178,7 +188,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
                              progress=progress).result
     m = load_model(model)
     if mode == "none":
-        prepare(m, None)
+        prepare(m, None, False)
         return QuantizeResult(m, m, "none")
     qmode = parse_mode(mode)
     if activation not in ("uint8", "int8"):
@@ -192,7 +202,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
         m = _upgrade(m, need)
     seconds = {}
     t = time.perf_counter()
-    prepare(m, prepare_pipeline)
+    prepare(m, prepare_pipeline, simplify_shapes)
     seconds["prepare"] = time.perf_counter() - t
     float_model = ir.from_onnx(ir.to_onnx(m))
     from compiler.shapes import infer_shapes
@@ -210,7 +220,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
 
         res = fall_back_to_float(res, float_model, qmode, calibration, excluded, accuracy_target, max_float_layers,
                                  lambda exc, n: _run_mode(load_model(float_model), float_model, qmode, calibration,
-                                                          exc, n, **kw))
+                                                          exc, n, **kw), metric=accuracy_metric, threads=threads)
     seconds.update(res.seconds)
     res.seconds = seconds
     if report:
@@ -265,7 +275,7 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
                 raise QuantizationError("SmoothQuant (smooth=...) needs calibration data to measure activation "
                                         "ranges; pass calibration=... or smooth=None")
             table, ctx.smoothing = smoothing_factors(m, calibration, smooth, excluded, progress=progress,
-                                                     threads=threads, per_channel=qmode.per_channel)
+                                                     threads=threads)
             from rules.quantize_dynamic import smoothing_rules
 
             run(smoothing_rules(ctx), "smoothing")

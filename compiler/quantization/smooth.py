@@ -7,22 +7,55 @@ and x W_i = (x / s) (diag(s) W_i). α = 0 leaves the activation's range alone, �
 all into the weights. Channel maxima come from calibration (per-channel max |x| on the last
 axis).
 
-With ``alpha="auto"`` α is chosen per activation from a grid by simulating the dynamic int8
-MatMul in numpy on the captured calibration activations — uint8 per-tensor activations from
-each sample's own min/max (DynamicQuantizeLinear-11), int8 symmetric weights per column —
-and keeping the α whose *worst* sample has the highest SQNR of the MatMul outputs (the worst
-sample, not the average: rare inputs with outlier tokens are what break a per-tensor scale).
-"No smoothing" is one of the candidates, so a group is only smoothed where it helps.
+``alpha="split"`` splits outlier channels instead (Zhao et al. 2019, "Improving Neural Network
+Quantization without Retraining using Outlier Channel Splitting", §3): a channel whose max
+exceeds T = r · median_k max|x_k| (r = ``OUTLIER_RATIO``) is repeated m_k = ceil(max|x_k| / T)
+times, each copy carrying x_k / m_k against an unchanged weight row, so its range drops to T
+while no weight row grows (at most K/8 extra channels, the largest first). This targets what
+breaks per-tensor activation scales in transformers — one or two channels carrying "massive
+activations" (Sun et al. 2024, "Massive Activations in Large Language Models", §2).
+
+s is never below 1: a channel is only divided, so an input exceeding the calibrated maximum in
+some channel cannot blow up the run-time range.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 import ir
 from compiler.quantization.context import node_key
 
-ALPHA_GRID = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-MAX_CAPTURE = 64
+OUTLIER_RATIO = 2.0
+MASSIVE_RATIO = 10.0
+MAX_EXTRA_CHANNELS = 0.125  # split at most K/8 extra channels per activation
+
+
+@dataclass
+class Migration:
+    """How one activation's range moves: x' = x[..., index] * a, W' = W[index] * b[:, None].
+
+    ``index`` None means the identity; for every input channel k, Σ_{j: index_j = k} a_j b_j = 1.
+    """
+
+    index: np.ndarray | None
+    a: np.ndarray
+    b: np.ndarray
+    channels: int
+
+    @classmethod
+    def smooth(cls, s: np.ndarray) -> "Migration":
+        return cls(None, 1.0 / s, s.astype(np.float64), len(s))
+
+    @classmethod
+    def split(cls, m: np.ndarray) -> "Migration":
+        """Channel k repeated m_k times, each copy carrying x_k / m_k."""
+        m = np.maximum(np.asarray(m, dtype=np.int64), 1)
+        extra = np.repeat(np.arange(len(m)), m - 1)
+        index = np.concatenate([np.arange(len(m)), extra])
+        a = 1.0 / m[index].astype(np.float64)
+        return cls(index, a, np.ones(len(index)), len(m))
 
 
 def matmul_groups(model: ir.Model, excluded: set[str]) -> dict[str, list]:
@@ -39,7 +72,25 @@ def matmul_groups(model: ir.Model, excluded: set[str]) -> dict[str, list]:
     return groups
 
 
-def _factors(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+def _split_counts(amax: np.ndarray) -> np.ndarray:
+    a = np.maximum(amax.astype(np.float64), 1e-12)
+    t = OUTLIER_RATIO * float(np.median(a))
+    if a.max() < MASSIVE_RATIO * float(np.median(a)):
+        return np.ones(len(a), dtype=np.int64)  # no massive outlier: the split would cost more than it saves
+    m = np.where(a > t, np.ceil(a / t), 1).astype(np.int64)
+    budget = int(len(a) * MAX_EXTRA_CHANNELS)
+    order = np.argsort(-a)
+    used = 0
+    for k in order:
+        if m[k] <= 1:
+            break
+        if used + m[k] - 1 > budget:
+            m[k] = max(1, budget - used + 1)
+        used += m[k] - 1
+    return m
+
+
+def _factors(amax: np.ndarray, wmax: np.ndarray, alpha) -> np.ndarray:
     a = np.maximum(amax.astype(np.float64), 1e-5)
     w = np.maximum(wmax.astype(np.float64), 1e-5)
     s = a ** alpha / w ** (1.0 - alpha)
@@ -49,78 +100,42 @@ def _factors(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(s, 1.0)
 
 
-def _dyn_quant(x: np.ndarray) -> np.ndarray:
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    s = (hi - lo) / 255.0 if hi > lo else 1.0
-    z = np.clip(np.rint(-lo / s), 0, 255)
-    return (np.clip(np.rint(x / s) + z, 0, 255) - z) * s
-
-
-def _wq(w: np.ndarray, per_channel: bool) -> np.ndarray:
-    s = np.abs(w).max(axis=0) / 127.0 if per_channel else np.array(np.abs(w).max() / 127.0)
-    s = np.where(s > 0, s, 1.0)
-    return np.rint(w / s) * s
-
-
-def simulated_worst_sqnr(samples: list[np.ndarray], weights: list[np.ndarray], s: np.ndarray | None,
-                         per_channel: bool = True) -> float:
-    """Worst per-sample SQNR (dB) of x W_i under dynamic int8, with smoothing divisor ``s`` (None: none)."""
-    wqs = [_wq(w * s[:, None] if s is not None else w, per_channel) for w in weights]
-    worst = np.inf
-    for x in samples:
-        x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        xq = _dyn_quant(x2 / s if s is not None else x2)
-        sig = noise = 0.0
-        for w, wq in zip(weights, wqs):
-            y = x2 @ w
-            sig += float(np.sum(y * y))
-            noise += float(np.sum((y - xq @ wq) ** 2))
-        worst = min(worst, 10 * np.log10(sig / noise) if noise > 0 else np.inf)
-    return float(worst)
-
-
 def smoothing_factors(model: ir.Model, calibration, alpha, excluded: set[str], *, progress: bool = True,
-                      threads: int = 0, per_channel: bool = True):
+                      threads: int = 0):
     """Calibrate the MatMul activations and compute SmoothQuant divisors.
 
     Args:
-        alpha: a float in [0, 1], or ``"auto"`` (per activation, see module docstring).
+        alpha: a migration strength in [0, 1], or ``"split"`` (see module docstring).
 
     Returns:
-        (calibration table, {activation name: s}) — activations where no smoothing is best are absent.
+        (calibration table, {activation name: :class:`Migration`}) — only activations that change.
 
     Raises:
-        QuantizationError: alpha outside [0, 1] or not ``"auto"``.
+        QuantizationError: alpha outside [0, 1] and not ``"split"``.
     """
     from compiler.calibration import Request, calibrate
     from compiler.quantization.params import QuantizationError
 
-    auto = alpha == "auto"
-    if not auto and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
-        raise QuantizationError(f"smooth must be a migration strength in [0, 1] or 'auto', got {alpha!r}")
+    if alpha != "split" and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+        raise QuantizationError(f"smooth must be a migration strength in [0, 1] or 'split', got {alpha!r}")
     groups = matmul_groups(model, excluded)
-    reqs = {x: Request(channel_axis=-1, capture=MAX_CAPTURE if auto else 0) for x in groups}
-    table = calibrate(model, calibration, reqs, progress=progress, threads=threads)
+    table = calibrate(model, calibration, {x: Request(channel_axis=-1) for x in groups}, progress=progress,
+                      threads=threads)
     out: dict[str, np.ndarray] = {}
     for x, nodes in groups.items():
         amax = table.channel_absmax(x)
         if amax is None:
             continue
-        weights = [n.inputs[1].constant().astype(np.float64) for n in nodes]
+        weights = [n.inputs[1].constant() for n in nodes]
         if any(w.shape[0] != amax.shape[0] for w in weights):
             continue
-        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        if not auto:
-            out[x] = _factors(amax, wmax, float(alpha))
+        wmax = np.max([np.abs(w.astype(np.float64)).max(axis=1) for w in weights], axis=0)
+        if alpha == "split":
+            counts = _split_counts(amax)
+            if np.any(counts > 1):
+                out[x] = Migration.split(counts)
             continue
-        samples = table.captures.get(x, [])
-        best, best_s = -np.inf, None
-        for a in ALPHA_GRID:
-            s = None if a is None else _factors(amax, wmax, a)
-            score = simulated_worst_sqnr(samples, weights, s, per_channel)
-            if score > best + 1e-9:
-                best, best_s = score, s
-        if best_s is not None:
-            out[x] = best_s
-    table.captures.clear()
+        s = _factors(amax, wmax, alpha)
+        if np.any(s > 1.0):
+            out[x] = Migration.smooth(s)
     return table, out

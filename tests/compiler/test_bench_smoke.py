@@ -70,6 +70,7 @@ def test_run_tiny_report(bench, tmp_path):
     assert row["nodes"] == 40 and row["nodes_after"] == 30
     assert row["graft_rewrites"] == 10 and row["onnxscript_rewrites"] == 10
     assert row["graft_us_per_node"]["wall"] > 0 and row["compile_ratio"] > 0
+    assert row["graft_bn_only_us_per_node"]["cpu"] > 0
     assert report["missing_rule_modules"] == []
     assert report["rule_count"] == len(rules.all_rules())
     procs = row["process"]

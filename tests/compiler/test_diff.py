@@ -141,7 +141,7 @@ def test_rule_made_initializers_carry_provenance(cls_a, cls_b):
     meta = {t.name: {e.key: e.value for e in t.metadata_props} for t in cls_b.graph.initializer}
     assert len(meta) == 70
     assert all(m["graft.rule"] == RULE for m in meta.values())
-    assert meta[f"{first_conv.name}_w_folded"]["graft.replaced"] == f"{first_bn.name},{first_conv.name}"
+    assert meta[f"{first_conv.input[1]}_folded"]["graft.replaced"] == f"{first_bn.name},{first_conv.name}"
     onnx.checker.check_model(cls_b, full_check=True)
 
 

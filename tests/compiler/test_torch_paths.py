@@ -192,6 +192,17 @@ def test_dynamic_shapes_bert_runs_at_other_sizes():
             torch.testing.assert_close(t, r, rtol=0, atol=1e-5)
 
 
+def test_compile_passes_dynamic_shapes_to_the_frontend():
+    module, inputs = bert()
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=64)}
+    res = compile(module, inputs, dynamic_shapes={"input_ids": dims, "attention_mask": dims})
+    assert res.verification.status == "passed"
+    shape = res.proto.graph.output[0].type.tensor_type.shape
+    assert [d.dim_param or d.dim_value for d in shape.dim] == ["batch", "seq", 64]
+    with pytest.raises(CompileError, match="dynamic_shapes applies to torch models"):
+        compile("ppocr-cls", dynamic_shapes={"x": {0: "batch"}})
+
+
 def test_exported_program_and_graph_module_inputs_compile():
     module, inputs = resnet_style(batch=1, image=16)
     ep = torch.export.export(module, inputs)

@@ -68,7 +68,7 @@ def test_printer_is_deterministic_and_shows_names_and_rewrites():
     rewrite(a, [fold_batchnorm_into_conv])
     text = print_graph(a.graph)
     assert "BatchNormalization" not in text
-    assert "= Conv(%x, %conv_w_folded<float32[4,3,3,3]>, %conv_b_folded<float32[4]>) {pads=[1, 1, 1, 1]}" in text
+    assert "= Conv(%x, %W_folded<float32[4,3,3,3]>, %B_folded<float32[4]>) {pads=[1, 1, 1, 1]}" in text
     assert print_graph(a) != print_graph(b)
     with pytest.raises(TypeError, match="ir.Graph or ir.Model"):
         print_graph(proto)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 from torch.nn.utils import prune as torch_prune
@@ -61,7 +62,7 @@ def test_zero_group_is_removed_exactly():
     assert shapes["w1"] == (6, 3, 3, 3) and shapes["w2"] == (2, 6, 3, 3) and shapes["gamma"] == (6,)
     assert report.groups[0].removed == 2 and report.groups[0].exact_removed == 2
     assert {n.meta.get("graft.rule") for n in m.graph if n.op_type in ("Conv", "BatchNormalization")} == \
-        {"prune_conv", "prune_norm"}
+        {"prune_conv", "prune_batchnorm"}
 
 
 def test_constant_channel_is_compensated_in_the_next_bias_exactly():
@@ -81,12 +82,22 @@ def test_constant_channel_is_compensated_in_the_next_bias_exactly():
     assert report.groups[0].removed == 3
     last = [n for n in m.graph if n.op_type == "Conv"][-1]
     assert last.inputs[1].const.shape == (2, 5, 1, 1) and last.inputs[2].name != "b2"  # bias rewritten
-    # with 3x3 padding the constant is not uniform at the borders: not exact, so not removed
+    # through a padded 3x3 conv the constant is not uniform at the borders: it is compensated by a
+    # constant map added after the conv, which needs the spatial size fixed in the model
     pad = model_of(CONV_BN, w1=w1, gamma=np.ones(8, np.float32), beta=np.ones(8, np.float32),
                    mean=np.zeros(8, np.float32), var=np.ones(8, np.float32),
                    w2=r.standard_normal((2, 8, 3, 3)).astype(np.float32))
-    rep = prune(ir.from_onnx(pad), PruneConfig(zero_only=True))
-    assert sum(g.removed for g in rep.groups) == 0
+    m = ir.from_onnx(pad)
+    rep = prune(m, PruneConfig(zero_only=True))
+    unchanged(pad, m)
+    assert sum(g.removed for g in rep.groups) == 3
+    add = next(n for n in m.graph if n.op_type == "Add")
+    assert add.meta["graft.rule"] == "prune_conv" and add.inputs[1].constant().shape == (1, 2, 8, 8)
+    dynamic = onnx.parser.parse_model(CONV_BN.replace("float[1,3,8,8] x", "float[1,3,H,W] x").replace(
+        "float[1,2,8,8] y", "float[1,2,H,W] y"))
+    dynamic.graph.initializer.extend(pad.graph.initializer)
+    rep = prune(ir.from_onnx(dynamic), PruneConfig(zero_only=True))
+    assert sum(g.removed for g in rep.groups) == 0  # the map depends on the input size: not exact
 
 
 def test_consumer_columns_all_zero_make_a_channel_removable_in_ppocr_cls(ppocr_cls_path):
@@ -193,3 +204,34 @@ g (float[3,6] x) => (float[3,2] y, float[3,2] z) {
     unchanged(proto, m)
     assert report.groups[0].removed == 2
     assert any(n.op_type == "Add" and n.meta.get("graft.rule") == "prune_matmul" for n in m.graph)
+
+
+def test_torch_ln_structured_filter_masks_on_resnet_are_removed_exactly(tmp_path):
+    # only the filters are masked: BatchNormalization turns the zero channel into a constant, which the
+    # next (padded) 3x3 conv sees as a constant map: it is compensated after that conv
+    mod, args = resnet_style()
+    for block in mod.layers:
+        torch_prune.ln_structured(block.conv1[0], "weight", amount=0.25, n=1, dim=0)
+        torch_prune.remove(block.conv1[0], "weight")
+    path = export(mod, args, tmp_path / "resnet_masked.onnx", ["x"], {"x": {0: "batch"}})
+    ref = onnx.load(path)
+    m = ir.from_onnx(ref)
+    report = prune(m, PruneConfig(zero_only=True))
+    unchanged(ref, m)
+    assert sorted(g.removed for g in report.groups if g.removed) == [4, 8, 16]
+    maps = [n for n in m.graph if n.op_type == "Add" and n.meta.get("graft.rule") == "prune_conv"]
+    assert len(maps) == 3
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes:UserWarning")  # torch.export on prune's hooks
+def test_torch_path_with_attached_prune_masks_removes_masked_filters_exactly():
+    from compiler.pruning import prune_torch
+
+    mod, args = resnet_style()
+    for block in mod.layers:  # masks stay attached: the captured graph computes weight_orig * weight_mask
+        torch_prune.ln_structured(block.conv1[0], "weight", amount=0.25, n=1, dim=0)
+    gm, report = prune_torch(mod, args, PruneConfig(zero_only=True))
+    assert [(g.module, g.removed) for g in report.groups if g.removed] == [
+        ("layers.0.conv1.0", 4), ("layers.1.conv1.0", 8), ("layers.2.conv1.0", 16)]
+    assert report.deviation[0].max_abs < 1e-5
+    assert sum(p.numel() for p in gm.parameters()) < sum(p.numel() for p in mod.parameters())
