@@ -98,6 +98,9 @@ class Builder:
     def const(self, array, dtype: DataType | None = None, name: str | None = None) -> Value:
         """A new initializer (a copy: existing tensors are never aliased or edited)."""
         arr = np.array(array, copy=True)
+        if arr.dtype == object or arr.dtype.kind in "USV" and dtype != DataType.STRING:
+            raise RuleError(f"rule {self._rule!r}: op.const got an array of dtype {arr.dtype}, which has no "
+                            f"ONNX tensor type (pass numbers, or dtype=DataType.STRING for text)")
         v = Value(self._graph.unique_name(name or f"{self._rule}_const"),
                   const=Tensor(arr, dtype=dtype))
         self.consts.append(v)
@@ -210,7 +213,12 @@ class Rewriter:
 
     # -- one attempt ----------------------------------------------------------
     def _try(self, rule: Rule, matcher: Matcher, node: Node, opset: int):
-        bindings = matcher.match(node)
+        try:
+            bindings = matcher.match(node)
+        except Exception as e:  # a Const/attribute/node predicate of the rule raised
+            raise RuleError(f"rule {rule.name!r} ({rule.where}): its pattern predicate at "
+                            f"{_user_frame(e, rule)} raised {type(e).__name__}: {e} while matching "
+                            f"{_describe(node)}") from e
         if bindings is None:
             return None
         m = Match(bindings, self._roots(rule, bindings), opset, rule.name)
@@ -225,6 +233,18 @@ class Rewriter:
     @staticmethod
     def _roots(rule: Rule, bindings: dict) -> tuple[Node, ...]:
         return bindings["__roots__"]
+
+
+def _user_frame(e: BaseException, rule: Rule) -> str:
+    """``file:line`` of the innermost traceback frame in the rule's own file (else the rule's)."""
+    rule_file = rule.where.rsplit(":", 1)[0]
+    where = rule.where
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == rule_file:
+            where = f"{rule_file}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 def explain_escape(m: Match) -> Failure | None:
@@ -389,6 +409,9 @@ def _drop_dead_producers(graph: Graph, values: list[Value]) -> list[Node]:
 
 def rewrite(model: Model, rules: RuleSet | list[Rule], **kw) -> RewriteResult:
     """Apply ``rules`` to ``model`` in place until saturation. See :class:`Rewriter`."""
+    if not isinstance(model, Model):
+        raise TypeError(f"rewrite() takes an ir.Model, got {type(model).__name__}; "
+                        f"use ir.from_onnx(proto) or ir.load(path) first")
     if not isinstance(rules, RuleSet):
         rules = RuleSet(rules)
     return Rewriter(rules, **kw).run(model)
