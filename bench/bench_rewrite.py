@@ -223,8 +223,12 @@ def time_onnxscript_rewrite(proto: onnx.ModelProto, repeat: int) -> tuple[Second
     return _best(once, repeat)
 
 
-def _compile_in_process(src: Path, dst: Path, rule_list) -> str:
-    """load → optimize pipeline → save, in this process; returns a label of the path taken."""
+def _compile_in_process(src: Path, dst: Path, rule_list) -> tuple[str, dict]:
+    """load → optimize pipeline → save, in this process.
+
+    Returns:
+        (a label of the path taken, wall seconds per phase: load, the pipeline's passes
+        summed by kind, check, save; empty when the compile layer does not exist yet)."""
     try:
         from compiler.api import compile as graft_compile
     except ImportError:
@@ -237,13 +241,23 @@ def _compile_in_process(src: Path, dst: Path, rule_list) -> str:
         model = ir.load(src)
         rewrite(model, rule_list)
         ir.save(model, dst)
-        return "ir.load → rewrite(all rules) → ir.save"
-    graft_compile(str(src), pipeline="optimize", verify=False).save(dst)
-    return "compiler.compile(path, pipeline='optimize', verify=False).save(out)"
+        return "ir.load → rewrite(all rules) → ir.save", {}
+    res = graft_compile(str(src), pipeline="optimize", verify=False)
+    t0 = time.perf_counter()
+    res.save(dst)
+    phases = {"load": res.timings.get("load", 0.0)}
+    for rec in res.passes:
+        kind = rec.name.rsplit("/", 1)[-1].split("#")[0]
+        kind = kind if rec.kind != "rewrite" else "rewrite passes"
+        phases[kind] = phases.get(kind, 0.0) + rec.seconds
+    phases["check"] = res.timings.get("check", 0.0)
+    phases["save"] = time.perf_counter() - t0
+    phases["other"] = max(0.0, res.timings.get("total", 0.0) - sum(v for k, v in phases.items() if k != "save"))
+    return "compiler.compile(path, pipeline='optimize', verify=False).save(out)", phases
 
 
-def time_compile_ratio(src: Path, workdir: Path, rule_list, repeat: int) -> tuple[Seconds, Seconds, str]:
-    """(in-process compile, onnx.load + onnx.save of the same file, label of the compile path)."""
+def time_compile_ratio(src: Path, workdir: Path, rule_list, repeat: int) -> tuple[Seconds, Seconds, tuple]:
+    """(in-process compile, onnx.load + onnx.save of the same file, (label, phases) of the last compile)."""
     dst, dst_plain = workdir / "inproc.onnx", workdir / "plain.onnx"
 
     def compile_once():
@@ -256,9 +270,9 @@ def time_compile_ratio(src: Path, workdir: Path, rule_list, repeat: int) -> tupl
             onnx.save(onnx.load(str(src)), str(dst_plain))
         return clock.seconds, None
 
-    t_compile, label = _best(compile_once, repeat)
+    t_compile, info = _best(compile_once, repeat)
     t_plain, _ = _best(plain_once, repeat)
-    return t_compile, t_plain, label
+    return t_compile, t_plain, info
 
 
 def _run(cmd: list[str]) -> tuple[Seconds, subprocess.CompletedProcess]:
@@ -386,6 +400,15 @@ def print_report(report: dict) -> None:
             f"{_ratio(a, osx, 'wall'):.2f} ({_ratio(a, osx, 'cpu'):.2f})"  # noqa: E731
         t.add_row(str(r["nodes"]), cell(nv), cell(v), cell(osx), rcell(nv), rcell(v))
     console.print(t)
+    phase_names = list(dict.fromkeys(k for r in rows for k in r.get("compile_phases_s") or {}))
+    if phase_names:
+        t = Table(title="in-process compile (verify=False), wall seconds per phase (last run)")
+        for col in ("nodes", *phase_names):
+            t.add_column(col, justify="right")
+        for r in rows:
+            ph = r.get("compile_phases_s") or {}
+            t.add_row(str(r["nodes"]), *(_fmt(ph.get(k), ".3f") for k in phase_names))
+        console.print(t)
     lin = Table(title="linearity of the rewrite phase: time ratio between sizes (target: ≤ 12× for 10× the nodes)")
     for col in ("from → to", "graft", "graft cpu", "onnxscript", "onnxscript cpu"):
         lin.add_column(col, justify="right")
@@ -450,7 +473,7 @@ def run(sizes: list[int], repeat: int, repeat_large: int, processes: bool, chann
             for who, info in (("graft", g_info), ("onnxscript", o_info)):
                 if info["bn_left"]:
                     raise RuntimeError(f"{who} left {info['bn_left']} BatchNormalization nodes at {nodes} nodes")
-            t_comp, t_plain, label = time_compile_ratio(src, work, rule_list, rep)
+            t_comp, t_plain, (label, phases) = time_compile_ratio(src, work, rule_list, rep)
             report["compile_path"] = label
             per_node = lambda t: {"wall": t.wall / nodes * 1e6, "cpu": t.cpu / nodes * 1e6}  # noqa: E731
             row = {"nodes": nodes, "bytes": src.stat().st_size, "repeat": rep,
@@ -461,6 +484,7 @@ def run(sizes: list[int], repeat: int, repeat_large: int, processes: bool, chann
                    "onnxscript_rewrite_s": t_os, "onnxscript_us_per_node": per_node(t_os),
                    "onnxscript_rewrites": o_info["rewrites"],
                    "compile_s": t_comp, "onnx_load_save_s": t_plain, "compile_ratio": t_comp.wall / t_plain.wall,
+                   "compile_phases_s": phases,
                    "process": time_processes(src, work, graft, rep) if processes else None}
             report["rows"].append(row)
             print(f"[{nodes} nodes] rewrite: graft {row['graft_us_per_node']['wall']:.1f} µs/node, "

@@ -126,6 +126,7 @@ class CompileResult:
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
     prune: Any = None  # compiler.pruning.PruneReport when compiled with prune=...
+    quantization: Any = None  # compiler.quantization.QuantizeResult when compiled with quantize=...
 
     @property
     def outputs(self) -> list[OutputAgreement]:
@@ -262,7 +263,9 @@ def _from_proto(proto, where):
 @gc_paused()  # the IR is a big cyclic object graph: keep the cyclic GC out of the compile (ir/_gc.py)
 def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None = "optimize", target: str = "onnx",
             rules=None, verify: bool = True, atol: float = 1e-4, dim_sizes: dict[str, int] | None = None, *,
-            rtol: float = 0.0, seed: int = 0, prune=None, dynamic_shapes=None) -> CompileResult:
+            rtol: float = 0.0, seed: int = 0, prune=None, dynamic_shapes=None, quantize: str | None = None,
+            calibration=None, calib_method: str = "minmax", exclude=None,
+            quantize_options: dict | None = None) -> CompileResult:
     """Compile a model with a pipeline (plus optional user rules) and check the result.
 
     Args:
@@ -291,6 +294,16 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             (``PruneConfig(zero_only=True)``) is verified like any rewrite.
         dynamic_shapes: torch models only: ``torch.export`` dynamic shapes (e.g.
             ``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}}``); the Dim names become symbolic dims.
+        quantize: int8 quantization after the pipeline (:func:`compiler.quantization.quantize`): ``auto``,
+            ``static`` (= ``static-per-channel``), ``static-per-tensor``, ``dynamic``, ``weight-only-int8``,
+            ``weight-only-int4``, or None/``none``. Quantized outputs differ by design: the accuracy report
+            (``result.quantization.report``) replaces the numeric verification's pass/fail.
+        calibration: calibration data for ``quantize`` (.npz path, directory of .npy, iterable of feeds);
+            calibrated in torch for torch models, in onnxruntime otherwise.
+        calib_method: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
+        exclude: node names, op types, name globs or patterns kept in float.
+        quantize_options: more keyword arguments for :func:`compiler.quantization.quantize`
+            (e.g. ``{"smooth": "split", "eval_data": ..., "upgrade_opset": True}``).
 
     Returns:
         a :class:`CompileResult`.
@@ -341,9 +354,21 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     pres = pipe(model)
     timings["pipeline"] = time.perf_counter() - t
     stats = pres.stats
+    qres = None
+    if quantize not in (None, "none"):
+        from compiler.quantization import quantize as _quantize
+
+        t = time.perf_counter()
+        opts = {"prepare_pipeline": None, "calib_backend": "torch" if torch_module is not None else "onnxruntime",
+                **(quantize_options or {})}
+        qres = _quantize(model, quantize, calibration, exclude=exclude, calib_method=calib_method, **opts)
+        model = qres.model
+        stats.counts.update(qres.counts)
+        timings["quantize"] = time.perf_counter() - t
 
     result = CompileResult(model, None, None, target, source, pipe.name, stats.counts, stats.stop_reasons,
                            stats.passes, before, model_stats(model), Verification("off"), timings)
+    result.quantization = qres
     if prune is not None:
         from compiler.pruning.api import attach_report
 
@@ -375,11 +400,17 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         bad = unknown_dims(ref_proto, dim_sizes)
         if bad:
             result.notes.append(bad + "; it was ignored")
+    if torch_module is not None and any(m.training for m in torch_module.modules()):
+        result.notes.append(f"{source} was in training mode: captured (and verified) in eval mode, with dropout "
+                            f"off and BatchNorm on its running statistics")
     if verify:
         try:
             if torch_module is not None:
-                result.verification = verify_torch(torch_module, example_inputs, result.module, result.proto, model,
-                                                   atol=atol, rtol=rtol)
+                from ir.torch_frontend import eval_mode
+
+                with eval_mode(torch_module):  # as captured: the reference must not drop out or update statistics
+                    result.verification = verify_torch(torch_module, example_inputs, result.module, result.proto,
+                                                       model, atol=atol, rtol=rtol)
             else:
                 result.verification = verify_onnx(ref_proto, ref_src, out_proto, out_bytes, model, example_inputs,
                                                   dim_sizes, seed, stats.rewrites, atol=atol, rtol=rtol)
@@ -396,6 +427,8 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         result.prune.deviation = list(v.outputs)
         if v.status == "failed" and v.outputs and all(o.max_abs < float("inf") for o in v.outputs):
             return result  # same shapes, finite values: the deviation is the report, not an error
+    if qres is not None:
+        return result  # quantized outputs differ by design: result.quantization.report measures by how much
     if v.status == "failed":
         bad = [o for o in v.outputs if not o.within(atol, rtol)]
         if not bad:

@@ -88,6 +88,9 @@ def build(result) -> Group:
     elif v.status == "failed" and prune is not None and not prune.zero_only:
         parts.append(Text(f"outputs differ from the input model's, as pruning channels with weights does "
                           f"(inputs {shapes}); fine-tune to recover accuracy", style="cyan"))
+    elif v.status == "failed" and getattr(result, "quantization", None) is not None:
+        parts.append(Text(f"outputs differ from the input model's, as quantization does (inputs {shapes}); "
+                          f"the accuracy report below measures by how much", style="cyan"))
     elif v.status == "failed":
         parts.append(Text(f"verification FAILED (atol {v.atol:g}, inputs {shapes})", style="bold red"))
         if v.blame is not None:

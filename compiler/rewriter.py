@@ -98,7 +98,7 @@ class Builder:
     def const(self, array, dtype: DataType | None = None, name: str | None = None) -> Value:
         """A new initializer (a copy: existing tensors are never aliased or edited)."""
         arr = np.array(array, copy=True)
-        if arr.dtype == object or arr.dtype.kind in "USV" and dtype != DataType.STRING:
+        if (arr.dtype == object or arr.dtype.kind in "USV" and dtype != DataType.STRING) and not _onnx_typed(arr.dtype):
             raise RuleError(f"rule {self._rule!r}: op.const got an array of dtype {arr.dtype}, which has no "
                             f"ONNX tensor type (pass numbers, or dtype=DataType.STRING for text)")
         v = Value(self._graph.unique_name(name or f"{self._rule}_const"),
@@ -140,6 +140,17 @@ class Builder:
 
 # (domain, op type) pairs a Builder has already checked against onnx.defs.
 _CHECKED_OPS: set[tuple[str, str]] = set()
+
+
+def _onnx_typed(dtype) -> bool:
+    """An ml_dtypes type (int4, float8, bfloat16: numpy kind 'V') that ONNX has a tensor type for."""
+    if dtype.kind != "V":
+        return False
+    try:
+        DataType.from_numpy(dtype)
+    except Exception:  # onnx raises KeyError/ValueError by version for unknown dtypes
+        return False
+    return True
 
 
 def _describe(node: Node) -> str:

@@ -7,8 +7,9 @@ layout, walking the schema's arguments in order:
 
 - a ``Tensor`` / ``Tensor?`` argument is one input (``None`` when absent), except a
   Python scalar passed in a Tensor slot (``add.Tensor(x, 2)``), which is an attribute;
-- a ``Tensor[]`` / ``Tensor?[]`` argument is as many inputs as the list has elements
-  (at most one such argument per op);
+- a ``Tensor[]`` / ``Tensor?[]`` argument is as many inputs as the list has elements; an op
+  with several such arguments (``lstm.input``'s ``hx`` and ``params``) lists their lengths in
+  the ``_list_sizes`` attribute;
 - any other argument is an attribute named as in the schema when its value is
   known at capture time; ``None`` values are left out. When it depends on run-time
   sizes (a ``SymInt`` from ``sym_size``), it is an input instead — a 0-d int64
@@ -31,6 +32,7 @@ from ir.dtypes import DataType
 
 ATEN_DOMAIN = "aten"
 DYNAMIC_ATTR = "_dynamic"
+LIST_SIZES_ATTR = "_list_sizes"
 
 # torch dtype name -> ONNX element type (torch.<name>)
 TORCH_TO_ONNX_DTYPE = {
@@ -178,10 +180,13 @@ def aten_args(node: Node) -> dict[str, Any]:
     ins = list(node.inputs)
     fixed = sum(1 for name, kind, *_ in layout
                 if (kind == TENSOR and name not in node.attrs) or (kind == OTHER and name in dynamic))
+    sizes = list(node.attrs.get(LIST_SIZES_ATTR, ()))
     n_list = len(ins) - fixed
     out: dict[str, Any] = {}
     k = 0
     for name, kind, _real, default, has_default in layout:
+        if kind == TENSOR_LIST and sizes:
+            n_list = sizes.pop(0)
         if kind == TENSOR:
             if name in node.attrs:
                 out[name] = node.attrs[name]

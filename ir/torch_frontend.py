@@ -81,12 +81,9 @@ def from_torch(module, example_inputs=None, dynamic_shapes=None, *, example_kwar
                             f"got {type(module).__name__}")
         args, kwargs = _normalize_inputs(module, example_inputs, example_kwargs)
         _check_signature(module, args, kwargs)
-        was_training = module.training
-        module.eval()
-        try:
+        _check_dynamic_shapes(module, args, kwargs, dynamic_shapes)
+        with eval_mode(module):
             ep = _export(module, args, kwargs, dynamic_shapes, strict)
-        finally:
-            module.train(was_training)
         dim_names = _dim_names(ep, args, kwargs, dynamic_shapes, module)
     if decompose:
         ep = ep.run_decompositions()
@@ -96,7 +93,26 @@ def from_torch(module, example_inputs=None, dynamic_shapes=None, *, example_kwar
     model = import_program(ep, dim_names)
     if not isinstance(module, torch.export.ExportedProgram):
         model.graph.name = type(module).__name__
+        # torch.export traces with fake tensors, whose kernels skip some checks (a float Linear fed
+        # int64 captures fine); one eager run catches inputs the model cannot actually take
+        with eval_mode(module):
+            failure = _eager_failure(module, args, kwargs)
+        if failure is not None:
+            raise failure
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """Put ``module`` and every submodule in eval mode; restore each one's own training flag after
+    (``module.train(flag)`` would set every submodule to the top-level flag)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _has_mutation(ep) -> bool:
@@ -169,6 +185,55 @@ def _input_names(module, args, kwargs) -> dict[int, str]:
     for k, v in kwargs.items():
         names.setdefault(id(v), k)
     return names
+
+
+def _check_dynamic_shapes(module, args, kwargs, dynamic_shapes) -> None:
+    """Catch the ``dynamic_shapes`` mistakes whose torch errors do not say which input they mean:
+    a key that is not an input, and an example size outside a ``Dim``'s range or of 0/1 (which
+    torch.export specializes to a constant)."""
+    if not dynamic_shapes:
+        return
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return
+    names = list(bound)
+    if isinstance(dynamic_shapes, dict):
+        odd = [k for k in dynamic_shapes if k not in bound]
+        if odd:
+            raise ExampleInputError(
+                f"dynamic_shapes names {', '.join(repr(k) for k in odd)}, which "
+                f"{'is not an input' if len(odd) == 1 else 'are not inputs'} of {type(module).__name__}.forward "
+                f"(given inputs: {', '.join(names) or 'none'}); key dynamic_shapes by those names, or give a "
+                f"tuple with one entry per positional input")
+        specs = dict(dynamic_shapes)
+    elif isinstance(dynamic_shapes, (list, tuple)):
+        specs = dict(zip(names, dynamic_shapes))
+    else:
+        return
+    from torch.export.dynamic_shapes import Dim
+
+    for name, spec in specs.items():
+        t = bound.get(name)
+        if not isinstance(t, torch.Tensor) or not isinstance(spec, (dict, list, tuple)):
+            continue
+        items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+        for axis, dim in items:
+            if type(dim) is not Dim or not isinstance(axis, int) or not -t.dim() <= axis < t.dim():
+                continue  # derived dims and Dim.AUTO/DYNAMIC hints: torch checks them
+            size = t.shape[axis]
+            lo, hi = int(dim.min), dim.max
+            hi_txt = "inf" if not isinstance(hi, int) or hi >= 2**62 else str(int(hi))
+            if size < 2:
+                raise ExampleInputError(
+                    f"example input {name!r} has size {size} at dim {axis}, marked dynamic as Dim "
+                    f"{dim.__name__!r}: torch.export treats sizes 0 and 1 as constants (0/1 specialization), "
+                    f"so give an example of size >= 2 there")
+            if size < lo or (hi_txt != "inf" and size > int(hi)):
+                raise ExampleInputError(
+                    f"example input {name!r} has size {size} at dim {axis}, outside the range [{lo}, {hi_txt}] "
+                    f"of Dim {dim.__name__!r}; give an example inside the range or widen the Dim")
 
 
 def _dim_names(ep, args, kwargs, dynamic_shapes, module) -> dict[str, str]:

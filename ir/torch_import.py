@@ -20,8 +20,8 @@ import torch.fx
 
 from ir._core import Model, Node, Tensor, Value
 from ir.dtypes import DataType
-from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, TENSOR, TENSOR_LIST, TORCH_TO_ONNX_DTYPE, arg_layout,
-                           op_type_of, returns_list)
+from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, LIST_SIZES_ATTR, TENSOR, TENSOR_LIST, TORCH_TO_ONNX_DTYPE,
+                           arg_layout, op_type_of, returns_list)
 
 # Opset of the ONNX ops in a torch-captured model (the frontend's glue and the ATen lowering rules).
 # 18: Reduce* take axes as an input, Split has num_outputs, LayerNormalization (17) exists.
@@ -219,6 +219,7 @@ class _Importer:
         inputs: list[Value | None] = []
         attrs: dict[str, Any] = {}
         dynamic: list[str] = []
+        list_sizes: list[int] = []
         glue: list[Node] = []
         for i, (name, kind, real, default, has_default) in enumerate(layout):
             if i < len(args):
@@ -239,6 +240,8 @@ class _Importer:
                 else:
                     raise TorchImportError(f"{self._where(n)}: argument {name}={a!r} is not a tensor")
             elif kind == TENSOR_LIST:
+                a = list(a or ())
+                list_sizes.append(len(a))
                 inputs.extend(None if x is None else self._value(x, n) for x in a)
             elif _has_node(a):
                 dynamic.append(name)
@@ -250,6 +253,8 @@ class _Importer:
                 attrs[name] = _attr_value(a)
         if dynamic:
             attrs[DYNAMIC_ATTR] = dynamic
+        if len(list_sizes) > 1:
+            attrs[LIST_SIZES_ATTR] = list_sizes
         val = n.meta.get("val")
         node_name = self.graph.unique_name(n.name)
         outs = self._outputs(n, node_name, op_type, val)

@@ -6,6 +6,8 @@ Each rule replaces one ``aten`` node by ONNX ops computing the same values:
 - ``conv{1,2,3}d`` / ``convolution`` / ``conv_transpose*``: Conv / ConvTranspose; torch's
   symmetric ``padding=p`` is ONNX ``pads=[p..., p...]``; ``padding="same"`` pads
   ``total = d*(k-1)``, ``total//2`` at the start (torch puts the odd element at the end).
+  An unbatched ``[C, *spatial]`` input (torch takes it, ONNX does not) runs as a batch of one
+  (Unsqueeze / Squeeze), for pooling too.
 - ``batch_norm`` (inference) / ``_native_batch_norm_legit_no_training``: BatchNormalization
   (``weight``/``bias`` default to 1/0), so ``fold_batchnorm_into_conv`` applies afterwards.
 - ``linear(x, W, b) = x @ W^T + b``: Gemm(transB=1) for 2-D x, else MatMul(x, Transpose(W)) + b;
@@ -15,9 +17,12 @@ Each rule replaces one ``aten`` node by ONNX ops computing the same values:
   per-channel affine; ``embedding``: Gather(weight, indices, axis=0).
 - ``scaled_dot_product_attention(q, k, v) = softmax(q k^T * scale + mask) v``,
   ``scale = 1/sqrt(E)`` by default; a bool mask keeps positions where it is True
-  (others get -inf); ``is_causal`` keeps the lower triangle (Vaswani et al. 2017, §3.2.1).
-- pooling: MaxPool / AveragePool (``stride=[]`` means stride = kernel); adaptive average
-  pooling to 1 is GlobalAveragePool, to a divisor of the input size an AveragePool.
+  (others get -inf); ``is_causal`` keeps the lower triangle, key position <= query position
+  (Vaswani et al. 2017, §3.2.1); with run-time sequence lengths the mask is built with Range.
+- pooling: MaxPool / AveragePool (``stride=[]`` means stride = kernel); adaptive average/max
+  pooling to 1 is GlobalAveragePool/GlobalMaxPool, to a divisor of the input size an
+  AveragePool/MaxPool, otherwise each output reduces the window ``[floor(i*D/s), ceil((i+1)*D/s))``
+  (PyTorch's adaptive pooling windows), one axis at a time since the windows are separable.
 - ``gelu(x) = x/2 * (1 + erf(x/sqrt 2))``; ``approximate="tanh"``:
   ``x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))`` (Hendrycks & Gimpel 2016, §2);
   ``silu(x) = x * sigmoid(x)``; ``hardswish`` = HardSwish, ``hardsigmoid`` = HardSigmoid(1/6, 1/2),
@@ -55,6 +60,18 @@ def passthrough(op, x, node):
     return x
 
 
+def _batched(op, x, k: int, build):
+    """``build(x)`` on a batched input: torch's conv/pool layers also take an unbatched ``[C, *spatial]``
+    input (rank k+1), which ONNX's Conv/pool ops cannot; it is run as a batch of one."""
+    r = rank(x)
+    if r == k + 2:
+        return build(x)
+    if r != k + 1:
+        refuse(f"input of rank {r} for a {k}-D op")
+    zero = ints(op, [0])
+    return op.Squeeze(build(op.Unsqueeze(x, zero)), zero)
+
+
 def _only_first_output(node, what: str) -> None:
     if len(node.outputs) > 1 and any(o.num_uses or o.is_graph_output() for o in node.outputs[1:]):
         refuse(f"{what} is used")
@@ -80,8 +97,9 @@ def conv(op, a, n):
     x, w, b = a["input"], a["weight"], a["bias"]
     k = rank(w) - 2
     dil = _expand(a["dilation"], k)
-    return op.Conv(*_inputs(x, w, b), strides=_expand(a["stride"], k), pads=_conv_pads(a["padding"], w, dil, k),
-                   dilations=dil, group=a["groups"])
+    return _batched(op, x, k, lambda x: op.Conv(*_inputs(x, w, b), strides=_expand(a["stride"], k),
+                                                pads=_conv_pads(a["padding"], w, dil, k), dilations=dil,
+                                                group=a["groups"]))
 
 
 def conv_transpose(op, a, n):
@@ -89,9 +107,10 @@ def conv_transpose(op, a, n):
     x, w, b = a["input"], a["weight"], a["bias"]
     k = rank(w) - 2
     p = _expand(a["padding"], k)
-    return op.ConvTranspose(*_inputs(x, w, b), strides=_expand(a["stride"], k), pads=p + p,
-                            dilations=_expand(a["dilation"], k), group=a["groups"],
-                            output_padding=_expand(a["output_padding"], k))
+    return _batched(op, x, k, lambda x: op.ConvTranspose(*_inputs(x, w, b), strides=_expand(a["stride"], k),
+                                                         pads=p + p, dilations=_expand(a["dilation"], k),
+                                                         group=a["groups"],
+                                                         output_padding=_expand(a["output_padding"], k)))
 
 
 def convolution(op, a, n):
@@ -184,20 +203,39 @@ def sdpa(op, a, n):
     if a.get("enable_gqa"):
         refuse("grouped-query attention (enable_gqa=True)")
     dt = q.dtype or DataType.FLOAT
-    s = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(static_dim(q, -1))
     r = rank(k)
     perm = list(range(r - 2)) + [r - 1, r - 2]
-    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=perm)), const(op, np.array(s), dt))
+    if a["scale"] is not None or _is_static(q, -1):
+        s = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(static_dim(q, -1))
+        scale = const(op, np.array(s), dt)
+    else:  # head size known only at run time: 1/sqrt(E) from the shape
+        scale = op.Reciprocal(op.Sqrt(op.Cast(_dim_of(op, q, -1), to=int(dt))))
+    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=perm)), scale)
     neg_inf = const(op, np.array(-np.inf), dt)
     if a["is_causal"]:
-        tri = np.tril(np.ones((static_dim(q, -2), static_dim(k, -2)), dtype=bool))
-        scores = op.Where(const(op, tri), scores, neg_inf)
+        if _is_static(q, -2) and _is_static(k, -2):
+            keep = const(op, np.tril(np.ones((static_dim(q, -2), static_dim(k, -2)), dtype=bool)))
+        else:  # torch's causal mask is tril(ones(L, S)): key position <= query position
+            zero, one = const(op, np.array(0), DataType.INT64), const(op, np.array(1), DataType.INT64)
+            rows = op.Range(zero, _dim_of(op, q, -2), one)
+            cols = op.Range(zero, _dim_of(op, k, -2), one)
+            keep = op.LessOrEqual(op.Unsqueeze(cols, ints(op, [0])), op.Unsqueeze(rows, ints(op, [1])))
+        scores = op.Where(keep, scores, neg_inf)
     if mask is not None:
         if mask.dtype == DataType.BOOL:
             scores = op.Where(mask, scores, neg_inf)
         else:
             scores = op.Add(scores, cast(op, mask, dt))
     return op.MatMul(op.Softmax(scores, axis=-1), v)
+
+
+def _is_static(v, i: int) -> bool:
+    return v.shape is not None and -len(v.shape) <= i < len(v.shape) and isinstance(v.shape[i], int)
+
+
+def _dim_of(op, v, i: int):
+    """Dim ``i`` of ``v`` at run time, a 0-d int64."""
+    return op.Gather(op.Shape(v), const(op, np.array(i), DataType.INT64), axis=0)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -209,8 +247,9 @@ def max_pool(op, a, n):
     k = len(kern)
     stride = _expand(a["stride"], k) if a["stride"] else kern
     p = _expand(a["padding"], k)
-    return op.MaxPool(x, kernel_shape=kern, strides=stride, pads=p + p, dilations=_expand(a["dilation"], k),
-                      ceil_mode=int(bool(a["ceil_mode"])))
+    return _batched(op, x, k, lambda x: op.MaxPool(x, kernel_shape=kern, strides=stride, pads=p + p,
+                                                   dilations=_expand(a["dilation"], k),
+                                                   ceil_mode=int(bool(a["ceil_mode"]))))
 
 
 def avg_pool(op, a, n):
@@ -222,26 +261,48 @@ def avg_pool(op, a, n):
     k = len(kern)
     stride = _expand(a["stride"], k) if a["stride"] else kern
     p = _expand(a["padding"], k)
-    return op.AveragePool(x, kernel_shape=kern, strides=stride, pads=p + p, ceil_mode=int(bool(a["ceil_mode"])),
-                          count_include_pad=int(bool(a["count_include_pad"])))
+    return _batched(op, x, k, lambda x: op.AveragePool(x, kernel_shape=kern, strides=stride, pads=p + p,
+                                                       ceil_mode=int(bool(a["ceil_mode"])),
+                                                       count_include_pad=int(bool(a["count_include_pad"]))))
 
 
-def adaptive_avg_pool(op, a, n):
-    """adaptive_avg_pool{1,2,3}d(x, output_size): GlobalAveragePool for 1, AveragePool for exact divisors."""
+def _adaptive(op, a, n, kind: str):
     x, size = a["self"], list(a["output_size"])
     k = len(size)
     r = rank(x)
+    reduce_op, global_op, pool_op = (op.ReduceMean, op.GlobalAveragePool, op.AveragePool) if kind == "avg" else \
+        (op.ReduceMax, op.GlobalMaxPool, op.MaxPool)
     if all(s == 1 for s in size):
         if r == k + 2:
-            return op.GlobalAveragePool(x)
-        return op.ReduceMean(x, ints(op, list(range(r - k, r))), keepdims=1)
-    kern = []
-    for i, s in enumerate(size):
-        d = static_dim(x, r - k + i)
-        if d % s:
-            refuse(f"input size {d} is not a multiple of output size {s}")
-        kern.append(d // s)
-    return op.AveragePool(x, kernel_shape=kern, strides=kern)
+            return global_op(x)
+        return reduce_op(x, ints(op, list(range(r - k, r))), keepdims=1)
+    dims = [static_dim(x, r - k + i) for i in range(k)]
+    if all(d % s == 0 for d, s in zip(dims, size)):
+        kern = [d // s for d, s in zip(dims, size)]
+        return _batched(op, x, k, lambda x: pool_op(x, kernel_shape=kern, strides=kern))
+    # windows [floor(i*D/s), ceil((i+1)*D/s)) are a product of per-axis ranges, so the pooling is
+    # separable: reduce each window along one axis at a time
+    y = x
+    for i, (d, s) in enumerate(zip(dims, size)):
+        ax = r - k + i
+        if d == s:
+            continue
+        pieces = [reduce_op(op.Slice(y, ints(op, [j * d // s]), ints(op, [-(-(j + 1) * d // s)]), ints(op, [ax])),
+                            ints(op, [ax]), keepdims=1) for j in range(s)]
+        y = op.Concat(*pieces, axis=ax)
+    return y
+
+
+def adaptive_avg_pool(op, a, n):
+    """adaptive_avg_pool{1,2,3}d(x, output_size): GlobalAveragePool for 1, AveragePool for exact divisors,
+    else the mean of each window [floor(i*D/s), ceil((i+1)*D/s)) (Slice + ReduceMean, axis by axis)."""
+    return _adaptive(op, a, n, "avg")
+
+
+def adaptive_max_pool(op, a, n):
+    """adaptive_max_pool{1,2,3}d(x, output_size) (indices unused): GlobalMaxPool / MaxPool / per-window ReduceMax."""
+    _only_first_output(n, "the indices output")
+    return _adaptive(op, a, n, "max")
 
 
 # --------------------------------------------------------------------------- activations
@@ -342,6 +403,8 @@ RULES = [
     *lowering(["avg_pool1d.default", "avg_pool2d.default", "avg_pool3d.default"], avg_pool),
     *lowering(["adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default",
                "_adaptive_avg_pool2d.default", "_adaptive_avg_pool3d.default"], adaptive_avg_pool),
+    *lowering(["adaptive_max_pool1d.default", "adaptive_max_pool2d.default", "adaptive_max_pool3d.default"],
+              adaptive_max_pool),
     *lowering(["dropout.default", "native_dropout.default", "feature_dropout.default",
                "alpha_dropout.default"], dropout),
     *lowering("gelu.default", gelu),

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from compiler import PROVENANCE_RULE, Const, Rule, Var, op
-from compiler.quantization.context import QuantContext
+from compiler.quantization.context import QNAME_KEY, QuantContext, node_key
 from compiler.quantization.params import INT8_SYM, quantize, weight_params
 from ir.dtypes import DataType
 from rules.quantize_common import float_activation, is_float_weight, reemit, weight_consts
@@ -65,7 +65,7 @@ def dynamic_rules(ctx: QuantContext) -> list[Rule]:
         """MatMul(x, W) -> Cast(MatMulInteger(DynamicQuantizeLinear(x), int8 W)) * (s_x * s_W)."""
         qv, sv, zv, _ = weight_consts(op, ctx, m.value(w), 1 if ctx.per_channel else None)
         y = _int_matmul(op, m[x], qv, zv, sv, m.matmul.name)
-        y.producer.meta["_graft.qname"] = m.matmul.meta.get("_graft.qname", m.matmul.name)
+        y.producer.meta[QNAME_KEY] = node_key(m.matmul)
         return y
 
     dynamic_quantize_matmul = Rule("dynamic_quantize_matmul", op.MatMul(x, w, name="matmul"), matmul_replacement,

@@ -76,9 +76,23 @@ def instrumented_proto(model: ir.Model, names: Iterable[str]) -> tuple[onnx.Mode
     return proto, exposed
 
 
+class _OrtRunner:
+    """Runs the instrumented model in onnxruntime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: ir.Model, tensors, threads: int):
+        proto, self.exposed = instrumented_proto(model, tensors)
+        self.sess = _session(proto.SerializeToString(), threads)
+
+    def __call__(self, feed: dict) -> list[np.ndarray]:
+        return self.sess.run(self.exposed, feed)
+
+
 def calibrate(model: ir.Model, data, tensors: Mapping[str, Request] | Iterable[str], *, method: str = "minmax",
-              percentile: float = 99.99, progress: bool = True, threads: int = 0) -> CalibrationTable:
-    """Run ``model`` on ``data`` in onnxruntime and observe ``tensors``.
+              percentile: float = 99.99, progress: bool = True, threads: int = 0,
+              backend: str = "onnxruntime") -> CalibrationTable:
+    """Run ``model`` on ``data`` and observe ``tensors``.
 
     Args:
         model: the float model (types filled, e.g. by ``compiler.shapes.infer_shapes``).
@@ -87,13 +101,16 @@ def calibrate(model: ir.Model, data, tensors: Mapping[str, Request] | Iterable[s
         method: default range method of the table; histogram methods get histograms for all tensors.
         progress: show a tqdm progress bar.
         threads: onnxruntime intra-op threads (0: its default).
+        backend: ``"onnxruntime"`` (ONNX input) or ``"torch"`` (torch input: the model runs as a
+            ``torch.fx.GraphModule``, see :mod:`compiler.calibration.torch_runner`).
 
     Returns:
         a :class:`CalibrationTable`.
 
     Raises:
         CalibrationDataError: a feed does not fit the model's inputs.
-        CalibrationRunError: onnxruntime fails on a feed.
+        CalibrationRunError: the backend fails on a feed.
+        ValueError: unknown backend.
     """
     from tqdm.auto import tqdm
 
@@ -101,22 +118,29 @@ def calibrate(model: ir.Model, data, tensors: Mapping[str, Request] | Iterable[s
     if not isinstance(tensors, Mapping):
         tensors = {t: Request() for t in tensors}
     need_hist = method != "minmax"
-    proto, exposed = instrumented_proto(model, tensors)
-    sess = _session(proto.SerializeToString(), threads)
+    if backend == "onnxruntime":
+        runner = _OrtRunner(model, tensors, threads)
+    elif backend == "torch":
+        from compiler.calibration.torch_runner import TorchRunner
+
+        runner = TorchRunner(model, tensors)
+    else:
+        raise ValueError(f"calibration backend must be 'onnxruntime' or 'torch', got {backend!r}")
+    exposed = runner.exposed
     observers = {n: Observer(n, histogram=need_hist or tensors[n].histogram, channel_axis=tensors[n].channel_axis)
                  for n in exposed}
     table = CalibrationTable(observers, method=method, percentile=percentile, source=data.source,
                              synthetic=data.synthetic)
     total = data.length if data.length is not None else None
-    bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=f"calibrating ({runner.name})", unit="batch", disable=not progress, leave=False)
     n = 0
     try:
         for i, feed in enumerate(data):
             try:
-                outs = sess.run(exposed, feed)
-            except Exception as e:  # onnxruntime raises its own exception types
+                outs = runner(feed)
+            except Exception as e:  # each backend raises its own exception types
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CalibrationRunError(f"{data.source}, sample {i}: onnxruntime failed on the float model: "
+                raise CalibrationRunError(f"{data.source}, sample {i}: {runner.name} failed on the float model: "
                                           f"{msg}") from None
             for name, arr in zip(exposed, outs):
                 observers[name].update(arr)

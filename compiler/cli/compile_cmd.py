@@ -80,12 +80,26 @@ def _prune_errors() -> tuple:
               help="local: RATIO per group; global: RATIO of all channels, ranked across groups.")
 @click.option("--prune-calibration", type=click.Path(exists=True), metavar="PATH",
               help="Calibration inputs for --prune-criterion taylor (.npz file or directory of .npy files).")
+@click.option("--quantize", "quantize_mode", default="none", show_default=True,
+              type=click.Choice(["auto", "static", "static-per-tensor", "static-per-channel", "dynamic",
+                                 "weight-only-int8", "weight-only-int4", "none"]),
+              help="Int8 quantization after the pipeline; auto times the candidate formats and keeps the fastest "
+                   "within the accuracy budget.")
+@click.option("--calibration", type=click.Path(exists=True), metavar="PATH",
+              help="Calibration data for --quantize: an .npz file or a directory of .npy files.")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="How calibrated ranges are chosen.")
+@click.option("--exclude", "exclude", multiple=True, metavar="NODE|OP|GLOB",
+              help="Keep in float: a node name, an op type, or a name glob (repeatable).")
+@click.option("--upgrade-opset", is_flag=True,
+              help="Convert the model to the opset the quantization format needs instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary, only errors.")
 def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_shapes: tuple[str, ...], target: str,
                 pipeline: str, rule_files: tuple[str, ...], no_verify: bool, atol: float, dims: tuple[str, ...],
                 quiet: bool, prune_ratio: float | None = None, prune_criterion: str = "l2", prune_round: int = 1,
                 prune_zero_only: bool = False, prune_scope: str = "local",
-                prune_calibration: str | None = None) -> None:
+                prune_calibration: str | None = None, quantize_mode: str = "none", calibration: str | None = None,
+                calib_method: str = "minmax", exclude: tuple[str, ...] = (), upgrade_opset: bool = False) -> None:
     """Compile IN (an .onnx file or a zoo name: ppocr-cls, ppocr-det, ppocr-rec, minilm) into OUT.
 
     Loads IN (onnx.checker), runs the pipeline and any --rules, checks the result
@@ -135,9 +149,18 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         torch_errors = (TorchCaptureError, TorchImportError)
     prune = _prune_config(prune_ratio, prune_criterion, prune_round, prune_zero_only, prune_scope,
                           prune_calibration)
+    from compiler.quantization import QuantizationError
+    from compiler.calibration import CalibrationDataError, CalibrationRunError
+
+    if quantize_mode in ("static", "static-per-tensor", "static-per-channel") and not calibration:
+        fail(f"--quantize {quantize_mode} needs calibration data: --calibration FILE.npz or a directory of .npy "
+             f"(or use --quantize dynamic, which needs none)")
     try:
         result = compile(model, example_inputs, pipeline=pipeline, target=target, rules=user_rules or None,
-                         verify=not no_verify, atol=atol, dim_sizes=dim_sizes, prune=prune)
+                         verify=not no_verify, atol=atol, dim_sizes=dim_sizes, prune=prune,
+                         quantize=quantize_mode, calibration=calibration, calib_method=calib_method,
+                         exclude=list(exclude) or None,
+                         quantize_options={"upgrade_opset": upgrade_opset, "progress": not quiet})
     except torch_errors as e:
         fail(f"--torch {torch_spec}: {e}")
     except ModelLoadError as e:
@@ -157,6 +180,8 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         fail(f"{label}: {e}")
     except _prune_errors() as e:
         fail(f"{label}: --prune: {e}")
+    except (QuantizationError, CalibrationDataError, CalibrationRunError) as e:
+        fail(f"{label}: --quantize {quantize_mode}: {e}")
     except (CompileError, IRError) as e:
         fail(f"{label}: {e}")
     except SystemExit as e:  # sys.exit() in a rule's code: not a successful compile
@@ -178,6 +203,8 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         from compiler.report import render
 
         render(result)
+        if result.quantization is not None:
+            click.echo(result.quantization.summary())
         click.echo(f"wrote {output}")
     else:
         from compiler.report import warnings

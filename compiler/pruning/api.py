@@ -21,7 +21,7 @@ from compiler.pruning.dependency import Analysis, analyze
 from compiler.pruning.macs import layer_costs, total_params
 from compiler.pruning.plan import PLAN_KEY, build, store
 from compiler.pruning.report import GroupRow, PruneReport
-from compiler.pruning.select import check_ratio, select
+from compiler.pruning.select import SelectionError, check_ratio, check_round_to, select
 from compiler.pruning.shapes import input_sizes, static_shapes
 from compiler.rule import RuleSet
 from ir import Model
@@ -72,8 +72,10 @@ class PruneConfig:
             raise PruneError(f"unknown pruning criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.scope not in ("local", "global"):
             raise PruneError(f"pruning scope must be 'local' or 'global', got {self.scope!r}")
-        if int(self.round_to) != self.round_to or self.round_to < 1:
-            raise PruneError(f"round_to must be a positive integer, got {self.round_to!r}")
+        try:
+            self.round_to = check_round_to(self.round_to)
+        except SelectionError as e:
+            raise PruneError(str(e)) from None
         bad = [k for k in (self.kinds or ()) if k not in KINDS]
         if bad:
             raise PruneError(f"unknown group kind(s) {bad}; choose from {', '.join(KINDS)}")
@@ -180,7 +182,7 @@ def plan_pass(model: Model, config: PruneConfig) -> int:
 def _nothing_prunable(analysis: Analysis, config: PruneConfig) -> str:
     if not analysis.groups:
         return ("nothing to prune: the model has no Conv, Gemm, MatMul or embedding with constant weights whose "
-                "output channels could shrink")
+                "output channels could shrink" + _why_no_constant_weights(analysis.model))
     lines = []
     for g in analysis.groups[:6]:
         why = g.reason or (f"kind {g.kind!r} not selected" if config.kinds and g.kind not in config.kinds
@@ -188,6 +190,24 @@ def _nothing_prunable(analysis: Analysis, config: PruneConfig) -> str:
         lines.append(f"{g.name} ({g.kind}, {g.size}): {why}")
     more = f"; and {len(analysis.groups) - 6} more" if len(analysis.groups) > 6 else ""
     return "nothing to prune: no channel group can shrink — " + "; ".join(lines) + more
+
+
+def _why_no_constant_weights(model: Model) -> str:
+    """Where the first Conv / Gemm / MatMul gets a weight that is not a constant, and what to do."""
+    for n in model.graph:
+        w = n.inputs[1] if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.inputs) > 1 else None
+        if w is None or w.constant() is not None:
+            continue
+        where = f"{n.op_type} node {n.name!r}" if n.name else f"the {n.op_type} writing {n.outputs[0].name!r}"
+        if w.graph is not None and w in w.graph.inputs:  # an input, with or without an initializer
+            return (f" ({where} reads its weight from graph input {w.name!r}, which can be overridden at run time; "
+                    f"remove the initializers from the graph inputs (ONNX IR version 4 and later does not need them there))")
+        p = w.producer
+        if p is not None and p.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            return f" ({where} reads a quantized weight through {p.op_type}: prune the float model, then quantize)"
+        if p is not None:
+            return f" (e.g. {where} reads its weight from a {p.op_type} op that is not constant)"
+    return ""
 
 
 def finish(model: Model) -> int:

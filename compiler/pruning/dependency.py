@@ -62,7 +62,8 @@ class Group:
         kind: ``channels`` (Conv outputs), ``neurons`` (MLP hidden units), ``heads``
             (attention heads), ``hidden`` (a residual stream with LayerNorm).
         classes: class ids, in the first source's order.
-        block: positions one class covers in the first source (head size for heads, else 1).
+        block: positions one class covers in the first source (head size for heads, channels per
+            conv group for the input of a grouped Conv, else 1).
         sources: nodes whose output dims make the group.
         members: every constant slice the group's removal rewrites.
         blocked: class → why it cannot be removed.
@@ -108,6 +109,7 @@ class Analysis:
     leaks: list[Leak]
     classes: Classes
     shapes: dict[Value, tuple]
+    nonempty: list[tuple[frozenset, str]] = field(default_factory=list)
 
     def group(self, name: str) -> Group:
         """The group whose first source node (or torch module path) is ``name``.
@@ -139,6 +141,10 @@ class Analyzer:
         self.leaks: list[Leak] = []
         self.deferred: list = []
         self.rectangular: list = []  # split blocks (heads) to make rectangular after the walk
+        # (atoms, where): sub-ranges (Split outputs, Slice results) that must keep at least one position,
+        # or the tensor would have a zero-sized channel axis
+        self.nonempty: list[tuple[np.ndarray, str]] = []
+        self.conv_groups: list[np.ndarray] = []  # input channels of grouped Convs (a class = a conv group)
 
     # -- queries ------------------------------------------------------------
     def shape(self, v: Value | None) -> tuple | None:
@@ -281,6 +287,8 @@ def _groups(an: Analyzer) -> list[Group]:
             for gi in sorted({class_group[r] for r in roots if r in class_group}):
                 members_by_group[gi].append(m)
     exact = _exactness(an, blocked, inexact)
+    conv_grouped = set(cls.roots(np.concatenate([a.ravel() for a in an.conv_groups])).tolist()) \
+        if an.conv_groups else set()
     groups = []
     for gi, comp in enumerate(comps):
         srcs = [s for s in an.sources if cls.roots(s.atoms).ravel()[0] in comp]
@@ -288,7 +296,7 @@ def _groups(an: Analyzer) -> list[Group]:
         classes = list(dict.fromkeys(r for s in srcs for r in cls.roots(s.atoms).ravel().tolist()))
         block = int(first.atoms.size // max(1, len(set(cls.roots(first.atoms).ravel().tolist()))))
         members = members_by_group[gi]
-        kind = _kind(srcs, members, block)
+        kind = _kind(srcs, members, block, any(c in conv_grouped for c in classes))
         groups.append(Group(gi, first.node.name or first.node.outputs[0].name, kind, classes, block,
                             list(dict.fromkeys(s.node for s in srcs)), members,
                             {c: blocked[c] for c in classes if c in blocked},
@@ -298,8 +306,8 @@ def _groups(an: Analyzer) -> list[Group]:
     return groups
 
 
-def _kind(sources: list[Source], members: list[Member], block: int) -> str:
-    if block > 1:
+def _kind(sources: list[Source], members: list[Member], block: int, conv_grouped: bool = False) -> str:
+    if block > 1 and not conv_grouped:
         return "heads"
     if any(m.node.op_type == "LayerNormalization" for m in members):
         return "hidden"
@@ -348,4 +356,8 @@ def analyze(model: Model, dim_sizes: dict[str, int] | None = None, shapes: dict 
         shapes = static_shapes(model, dim_sizes)
     an = Analyzer(model, shapes)
     an.run()
-    return Analysis(model, _groups(an), an.edits, an.leaks, an.cls, shapes)
+    nonempty = {}
+    for atoms, where in an.nonempty:
+        if atoms.size:
+            nonempty.setdefault(frozenset(an.cls.roots(atoms).ravel().tolist()), where)
+    return Analysis(model, _groups(an), an.edits, an.leaks, an.cls, shapes, list(nonempty.items()))

@@ -275,15 +275,44 @@ def h_pool(an: Analyzer, node: Node) -> None:
         r = len(an.shape(node.inputs[0]))
         axes_in = node.inputs[3].constant() if len(node.inputs) > 3 and node.inputs[3] is not None else None
         axes = [int(a) % r for a in axes_in.ravel()] if axes_in is not None else list(range(r))
-        if pads is None or any(pads.ravel()[k] or pads.ravel()[k + len(axes)] for k, a in enumerate(axes) if a == 1):
-            an.block(lay.atoms, f"{_where(node)} pads the channel axis")
+        if pads is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes_in is None) or \
+                any(pads.ravel()[k] or pads.ravel()[k + len(axes)] for k, a in enumerate(axes) if a == 1):
+            an.block(lay.atoms, f"{_where(node)} pads the channel axis (or at run-time positions)")
             return
     cval = lay.cval
+    if op == "Pad" and _pad_value(node) is not _UNIFORM_PAD and np.any(pads > 0):
+        # constant-mode padding writes the pad value around a constant channel: it stays constant only
+        # where the two agree (it is still input-independent, a constant map, when the pad value is known)
+        value = _pad_value(node)
+        cval = np.where(cval == value, cval, np.nan) if value is not None else np.full(cval.shape, np.nan)
+        an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval,
+                                              lay.static if value is not None else np.zeros(cval.shape, bool)))
+        return
     if op in ("AveragePool",) and node.attrs.get("count_include_pad", 0) and not _no_padding(node):
         cval = np.where(cval == 0, 0.0, np.nan)
     elif op in ("LpPool", "GlobalLpPool"):
         cval = np.where(cval == 0, 0.0, np.nan)
     an.set_layout(node.outputs[0], Layout(lay.axes, lay.atoms, cval, lay.static))
+
+
+_UNIFORM_PAD = object()
+
+
+def _pad_value(node: Node):
+    """What Pad writes in the padding: a float (constant mode), None (a run-time value), or
+    :data:`_UNIFORM_PAD` (reflect / edge / wrap modes copy the channel's own values)."""
+    mode = node.attrs.get("mode", "constant")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode != "constant":
+        return _UNIFORM_PAD
+    if "value" in node.attrs:  # Pad-2
+        return float(node.attrs["value"])
+    v = node.inputs[2] if len(node.inputs) > 2 else None
+    if v is None:
+        return 0.0
+    c = v.constant()
+    return None if c is None or c.size != 1 else float(np.asarray(c, dtype=np.float64).ravel()[0])
 
 
 def h_reduce(an: Analyzer, node: Node) -> None:

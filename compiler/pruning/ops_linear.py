@@ -111,6 +111,7 @@ def h_conv(an: Analyzer, node: Node) -> None:
     else:  # grouped: channels of one group go together
         for k in range(group):
             an.cls.union_all(lay.atoms[k * cin_g:(k + 1) * cin_g])
+        an.conv_groups.append(lay.atoms)
         atoms = np.repeat(lay.atoms[::cin_g], cout_g)
         an.cls.union_arrays(atoms, np.repeat(lay.atoms[::cin_g], cout_g))
         cval = np.full(c_out, np.nan)

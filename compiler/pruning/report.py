@@ -56,7 +56,9 @@ class PruneReport:
         deviation: output agreement of the pruned model with the original (filled when checked).
         config_updates: model-config fields the new shapes imply when uniform across layers
             (``num_attention_heads``, ``intermediate_size``, ``hidden_size`` for transformers).
-        dim_sizes: the input sizes MACs were counted at.
+        input_shapes: the input sizes MACs were counted at.
+        notes: what the caller should know beyond the numbers (a config that cannot describe the
+            pruned shapes).
     """
 
     criterion: str
@@ -72,6 +74,7 @@ class PruneReport:
     input_shapes: dict = field(default_factory=dict)
     deviation: list = field(default_factory=list)
     config_updates: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     @property
     def macs_before(self) -> int:
@@ -105,6 +108,7 @@ class PruneReport:
             "deviation": [{"output": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "cosine": o.cosine}
                           for o in self.deviation],
             "config_updates": self.config_updates,
+            "notes": list(self.notes),
         }
 
 
@@ -167,6 +171,8 @@ def renderables(report: PruneReport, max_rows: int = 12) -> list:
                           f"({worst.name})", style="cyan"))
     if report.config_updates:
         parts.append(Text("config: " + ", ".join(f"{k}={v}" for k, v in report.config_updates.items())))
+    for note in report.notes:
+        parts.append(Text(note, style="yellow"))
     return parts
 
 

@@ -1,9 +1,11 @@
 """Choosing which classes to remove: per-layer or global ratio, round-to-multiple, whole heads.
 
 - ``local`` (per layer): every prunable group keeps ``round(n * (1 - ratio))`` of its
-  ``n`` classes, rounded to a multiple of ``round_to`` for channel/neuron groups (heads
-  are counted whole and never rounded), and at least one class (``round_to`` when
-  rounding). The requested ratio therefore holds for every group up to rounding.
+  ``n`` classes, rounded so that the kept *channel* count is a multiple of ``round_to``
+  for channel/neuron groups (a class of a grouped Conv is a whole conv group of
+  ``block`` channels; heads are counted whole and never rounded), and at least one
+  class (one rounding unit when rounding). The requested ratio therefore holds for
+  every group up to rounding.
 - ``global``: scores are divided by their group's mean (so layers of different scale
   compare), and the lowest ``ratio`` of all classes across groups is removed, no
   group losing more than :data:`MAX_GROUP_RATIO` of its classes; kept counts are then
@@ -12,7 +14,8 @@
 Within a group, exactly-removable classes (zero or constant channels, whose removal
 leaves the outputs unchanged) go first, then the lowest scores. With ``zero_only``
 only exactly-removable classes are removed. Blocked classes are never removed; a
-group never becomes empty.
+group never becomes empty, and neither does a sub-range of it that a Split or Slice
+takes (:attr:`Analysis.nonempty`): the most important class of such a range is kept.
 """
 from __future__ import annotations
 
@@ -63,28 +66,50 @@ def check_ratio(ratio: float) -> float:
     Raises:
         SelectionError: outside [0, 1) (1 would remove every channel) or not a number.
     """
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise SelectionError(f"pruning ratio must be a number in [0, 1), got {ratio!r}") from None
+    if isinstance(ratio, (str, bytes, bool)) or not isinstance(ratio, (int, float, np.integer, np.floating)):
+        raise SelectionError(f"pruning ratio must be a number in [0, 1), got {ratio!r} "
+                             f"({type(ratio).__name__})")
+    r = float(ratio)
     if not 0.0 <= r < 1.0 or math.isnan(r):
         raise SelectionError(f"pruning ratio must be in [0, 1) (the fraction of channels to remove; 1 would "
                              f"empty every layer), got {ratio!r}")
     return r
 
 
+def check_round_to(round_to) -> int:
+    """``round_to`` as a positive int.
+
+    Raises:
+        SelectionError: not a positive integer (a bool, a string, 1.5, NaN, 0).
+    """
+    ok = isinstance(round_to, (int, np.integer)) or (isinstance(round_to, (float, np.floating)) and
+                                                       math.isfinite(round_to) and float(round_to).is_integer())
+    if isinstance(round_to, bool) or not ok or round_to < 1:
+        raise SelectionError(f"round_to must be a positive integer, got {round_to!r}")
+    return int(round_to)
+
+
+def _unit(group: Group, round_to: int) -> int:
+    """Classes per rounding step: kept classes x ``block`` channels must be a multiple of ``round_to``
+    (heads are never rounded)."""
+    if group.kind == "heads" or round_to <= 1:
+        return 1
+    return round_to // math.gcd(round_to, group.block)
+
+
 def _keep_count(group: Group, ratio: float, round_to: int) -> tuple[int, str]:
     n = group.size
     target = n * (1.0 - ratio)
-    if group.kind == "heads" or round_to <= 1:
+    unit = _unit(group, round_to)
+    if unit == 1:
         keep = int(math.floor(target + 0.5))
         note = ""
         if keep < 1:
             keep, note = 1, f"ratio {ratio:g} would empty the group: kept 1"
         return min(keep, n), note
-    if n <= round_to:
-        return n, f"{n} channels, not more than round_to={round_to}: left whole"
-    keep = max(round_to, int(math.floor(target / round_to + 0.5)) * round_to)
+    if n <= unit:
+        return n, f"{n * group.block} channels, not more than round_to={round_to}: left whole"
+    keep = max(unit, int(math.floor(target / unit + 0.5)) * unit)
     return min(keep, n), ""
 
 
@@ -113,8 +138,7 @@ def select(analysis: Analysis, ratio: float, *, criterion: str = "l2", scope: st
         CriterionError: unknown criterion / taylor without gradients.
     """
     ratio = check_ratio(ratio)
-    if int(round_to) != round_to or round_to < 1:
-        raise SelectionError(f"round_to must be a positive integer, got {round_to!r}")
+    round_to = check_round_to(round_to)
     if scope not in ("local", "global"):
         raise SelectionError(f"scope must be 'local' (per layer) or 'global', got {scope!r}")
     groups = groups if groups is not None else analysis.prunable_groups
@@ -129,13 +153,35 @@ def select(analysis: Analysis, ratio: float, *, criterion: str = "l2", scope: st
                 ex = ex[:-1]
                 ch.note = _join(ch.note, "every channel is removable: kept 1")
             ch.remove = ex
+        _keep_nonempty(choices, analysis.nonempty, 1)
         return choices
     if scope == "local":
         for ch in choices:
             _local(ch, ratio, round_to)
     else:
         _global(choices, ratio, round_to)
+    _keep_nonempty(choices, analysis.nonempty, round_to)
     return choices
+
+
+def _keep_nonempty(choices: list[Choice], nonempty: list, round_to: int) -> None:
+    """Give back the most important removed class of every Split/Slice range the choice would empty
+    (then more, up to the rounding unit); a zero-sized channel axis is no model."""
+    owner = {c: ch for ch in choices for c in ch.remove}
+    touched: dict[int, Choice] = {}
+    for classes, where in nonempty:
+        if not classes or any(c not in owner for c in classes):
+            continue
+        # remove lists run from least to most important: give back the latest one
+        c = max(classes, key=lambda c: owner[c].remove.index(c))
+        ch = owner.pop(c)
+        ch.remove.remove(c)
+        ch.note = _join(ch.note, f"kept {where} from becoming empty")
+        touched[id(ch)] = ch
+    for ch in touched.values():
+        unit = _unit(ch.group, round_to)
+        while unit > 1 and ch.remove and (ch.group.size - len(ch.remove)) % unit:
+            owner.pop(ch.remove.pop(), None)
 
 
 def _join(a: str, b: str) -> str:
@@ -150,11 +196,12 @@ def _local(ch: Choice, ratio: float, round_to: int) -> None:
     if k > len(order):
         k = len(order)
         keep = g.size - k
-        if g.kind != "heads" and round_to > 1 and keep % round_to:
-            keep = min(g.size, -(-keep // round_to) * round_to)
+        unit = _unit(g, round_to)
+        if unit > 1 and keep % unit:
+            keep = min(g.size, -(-keep // unit) * unit)
             k = g.size - keep
         note = _join(note, f"{len(g.blocked)} of {g.size} blocked: {next(iter(g.blocked.values()))}")
-    if round_to == 1:  # exactly-removable classes beyond the ratio cost nothing: take them too
+    if _unit(g, round_to) == 1:  # exactly-removable classes beyond the ratio cost nothing: take them too
         extra = [c for c in order[k:] if g.exact.get(c)]
         k += min(len(extra), max(0, g.size - 1 - k))
     ch.remove = order[:k]
@@ -179,7 +226,7 @@ def _global(choices: list[Choice], ratio: float, round_to: int) -> None:
         if budget <= 0:
             break
         g = choices[ci].group
-        cap = min(int(g.size * MAX_GROUP_RATIO), g.size - (1 if g.kind == "heads" or round_to <= 1 else round_to))
+        cap = min(int(g.size * MAX_GROUP_RATIO), g.size - _unit(g, round_to))
         if taken[ci] >= cap:
             continue
         choices[ci].remove.append(c)
@@ -187,7 +234,8 @@ def _global(choices: list[Choice], ratio: float, round_to: int) -> None:
         budget -= 1
     for ch in choices:
         g = ch.group
-        if g.kind != "heads" and round_to > 1 and ch.remove:
+        unit = _unit(g, round_to)
+        if unit > 1 and ch.remove:
             keep = g.size - len(ch.remove)
-            keep = min(g.size, -(-keep // round_to) * round_to)
+            keep = min(g.size, -(-keep // unit) * unit)
             ch.remove = ch.remove[:g.size - keep]

@@ -94,4 +94,33 @@ def transformer_config_updates(report, hf_config) -> dict:
     hidden = [g for g in report.groups if g.kind == "hidden" and g.size == getattr(hf_config, "hidden_size", -1)]
     if len(hidden) == 1 and hidden[0].removed:
         out["hidden_size"] = hidden[0].kept
-    return {k: int(v) for k, v in out.items() if isinstance(v, (int, np.integer))}
+    out = {k: int(v) for k, v in out.items() if isinstance(v, (int, np.integer))}
+    problem = _head_size_problem(out, heads, hf_config)
+    if problem and hasattr(report, "notes") and problem not in report.notes:
+        report.notes.append(problem)
+    return out
+
+
+def _head_size_problem(updates: dict, heads: list, hf_config) -> str:
+    """Why the updated config cannot rebuild the pruned model, '' when it can.
+
+    BERT, ViT and most transformers configs have no head size of their own: the attention
+    modules derive it as ``hidden_size // num_attention_heads``. Pruning the residual width
+    and the heads by different fractions (rounding to whole heads, or a global ratio) leaves
+    heads whose width is not that quotient.
+    """
+    n_heads = updates.get("num_attention_heads", getattr(hf_config, "num_attention_heads", None))
+    hidden = updates.get("hidden_size", getattr(hf_config, "hidden_size", None))
+    if not heads or not n_heads or not hidden or getattr(hf_config, "head_dim", None) or \
+            not ({"num_attention_heads", "hidden_size"} & set(updates)):
+        return ""
+    sizes = {g.block for g in heads}
+    kept = {g.kept for g in heads}
+    if len(kept) > 1:
+        return (f"config: the layers keep different head counts ({sorted(kept)}), which num_attention_heads "
+                f"cannot describe; rebuild from the pruned GraphModule, not from the config")
+    if len(sizes) == 1 and hidden % n_heads == 0 and hidden // n_heads == next(iter(sizes)):
+        return ""
+    return (f"config: transformers derives the head size as hidden_size / num_attention_heads = {hidden} / "
+            f"{n_heads}, but the pruned heads are {'/'.join(map(str, sorted(sizes)))} wide, so this config "
+            f"cannot rebuild the pruned model (its counts are right; the pruned GraphModule is the model)")

@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from compiler.quantization.params import (INT8_SYM, UINT8_ASYM, QParams, QType, QuantizationError,
-                                          activation_params)
+from compiler.quantization.params import (INT4_SYM, INT8_SYM, INT32_BIAS, UINT8_ASYM, QParams, QType,
+                                          QuantizationError, activation_params)
 from ir import Node, Value
 
 
@@ -27,8 +27,13 @@ QNAME_KEY = "_graft.qname"  # a node's name in the input model, kept across re-e
 
 
 def node_key(node: Node) -> str:
-    """The node's name in the input model (stable across quantization rewrites)."""
-    return node.meta.get(QNAME_KEY, node.name)
+    """The node's name in the input model (stable across quantization rewrites); an unnamed node
+    is known by its first output's name."""
+    key = node.meta.get(QNAME_KEY) or node.name
+    if not key and node.outputs:
+        key = node.outputs[0].name
+        node.meta[QNAME_KEY] = key
+    return key
 
 
 @dataclass
@@ -111,7 +116,8 @@ def dq_params(value: Value | None) -> QParams | None:
 
     if zp is None:
         zp = np.zeros(scale.shape, dtype=np.uint8 if qdtype in (None, DataType.UINT8) else qdtype.to_numpy())
-    qtype = {DataType.UINT8: UINT8_ASYM, DataType.INT8: INT8_SYM}.get(qdtype or DataType.UINT8)
+    qtype = {DataType.UINT8: UINT8_ASYM, DataType.INT8: INT8_SYM, DataType.INT32: INT32_BIAS,
+             DataType.INT4: INT4_SYM}.get(qdtype or DataType.UINT8)
     if qtype is None:
         return None
     axis = dq.attrs.get("axis", 1) if scale.size > 1 or scale.ndim == 1 else None

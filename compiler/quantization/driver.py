@@ -55,6 +55,7 @@ class QuantizeResult:
     report: AccuracyReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    auto: object = None  # the AutoResult when mode="auto"
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -138,7 +139,7 @@ def _eval_feeds(eval_data, calibration, model, limit: int = 64):
 def quantize(model, mode: str = "static", calibration=None, *, exclude=None, calib_method: str = "minmax",
              percentile: float = 99.99, activation: str = "uint8", op_types=None, block_size: int = 32,
              min_weight_elements: int = 0, smooth=None, prepare_pipeline: str | None = "optimize",
-             simplify_shapes: bool = True,
+             simplify_shapes: bool = True, calib_backend: str = "onnxruntime",
              upgrade_opset: bool = False, eval_data=None, report: bool = True, progress: bool = True,
              threads: int = 0, accuracy_target: float | None = None, max_float_layers: int = 8,
              accuracy_metric=None) -> QuantizeResult:
@@ -161,6 +162,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
             outlier channels (see :mod:`compiler.quantization.smooth`), or None for none.
         prepare_pipeline: float pipeline run first (None: only shape inference).
         simplify_shapes: make Reshape specs constant where symbolic shapes prove them (float-exact).
+        calib_backend: run calibration in ``"onnxruntime"`` or ``"torch"`` (for models captured from torch).
         upgrade_opset: convert the model to the opset the format needs instead of raising.
         eval_data: held-out feeds for the accuracy report (default: the calibration data).
         report: build the accuracy report.
@@ -184,8 +186,17 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
     if mode == "auto":
         from compiler.quantization.auto import auto_quantize
 
-        return auto_quantize(model, calibration, exclude=exclude, calib_method=calib_method, eval_data=eval_data,
-                             progress=progress).result
+        ar = auto_quantize(model, calibration, exclude=exclude, calib_method=calib_method, eval_data=eval_data,
+                           progress=progress, metric=accuracy_metric, percentile=percentile, activation=activation,
+                           op_types=op_types, min_weight_elements=min_weight_elements, smooth=smooth,
+                           prepare_pipeline=prepare_pipeline, simplify_shapes=simplify_shapes,
+                           upgrade_opset=upgrade_opset)
+        res = ar.result
+        res.auto = ar
+        if report:
+            _attach_report(res, eval_data, calibration, threads)
+        res.seconds["total"] = time.perf_counter() - t0
+        return res
     m = load_model(model)
     if mode == "none":
         prepare(m, None, False)
@@ -213,7 +224,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
     excluded = resolve_exclusions(m, exclude)
     kw = dict(calib_method=calib_method, percentile=percentile, activation=activation, op_types=op_types,
               block_size=block_size, min_weight_elements=min_weight_elements, smooth=smooth, progress=progress,
-              threads=threads)
+              threads=threads, calib_backend=calib_backend)
     res = _run_mode(m, float_model, qmode, calibration, excluded, notes, **kw)
     if accuracy_target is not None and res.layers:
         from compiler.quantization.fallback import fall_back_to_float
@@ -225,19 +236,23 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
     res.seconds = seconds
     if report:
         t = time.perf_counter()
-        feeds, src, held, synth = _eval_feeds(eval_data, calibration, float_model)
-        if synth:
-            res.notes.append("the accuracy report uses random inputs: a smoke test, not a measurement")
-        res.report = accuracy_report(float_model, res.model, feeds, layers=res.layers, source=src, held_out=held,
-                                     synthetic=synth, threads=threads)
+        _attach_report(res, eval_data, calibration, threads)
         seconds["report"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return res
 
 
+def _attach_report(res: QuantizeResult, eval_data, calibration, threads: int) -> None:
+    feeds, src, held, synth = _eval_feeds(eval_data, calibration, res.float_model)
+    if synth:
+        res.notes.append("the accuracy report uses random inputs: a smoke test, not a measurement")
+    res.report = accuracy_report(res.float_model, res.model, feeds, layers=res.layers, source=src, held_out=held,
+                                 synthetic=synth, threads=threads)
+
+
 def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excluded: set[str], notes: list[str], *,
               calib_method, percentile, activation, op_types, block_size, min_weight_elements, smooth, progress,
-              threads) -> QuantizeResult:
+              threads, calib_backend) -> QuantizeResult:
     from compiler.rewriter import Rewriter
     from compiler.rule import RuleSet
     from rules.dead_code import eliminate_dead_code
@@ -262,7 +277,7 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
     t = time.perf_counter()
     if qmode.kind == "static":
         table, plan = _static(m, qmode, calibration, excluded, notes, run, calib_method, percentile, activation,
-                              op_types, progress, threads)
+                              op_types, progress, threads, calib_backend)
         seconds["calibrate"] = table.seconds
         roots = {k: v for k, v in roots.items() if k in plan.nodes}
     elif qmode.kind == "dynamic":
@@ -275,7 +290,7 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
                 raise QuantizationError("SmoothQuant (smooth=...) needs calibration data to measure activation "
                                         "ranges; pass calibration=... or smooth=None")
             table, ctx.smoothing = smoothing_factors(m, calibration, smooth, excluded, progress=progress,
-                                                     threads=threads)
+                                                     threads=threads, backend=calib_backend)
             from rules.quantize_dynamic import smoothing_rules
 
             run(smoothing_rules(ctx), "smoothing")
@@ -296,7 +311,7 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
 
     infer_shapes(m)
     for key, op_type in roots.items():
-        fn = next((n for n in float_model.graph if n.name == key), None)
+        fn = next((n for n in float_model.graph if node_key(n) == key), None)
         if fn is None or not fn.outputs:
             continue
         tin = fn.inputs[0].name if fn.inputs and fn.inputs[0] is not None and \
@@ -306,7 +321,7 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
 
 
 def _static(m, qmode, calibration, excluded, notes, run, calib_method, percentile, activation, op_types, progress,
-            threads):
+            threads, calib_backend):
     from compiler.calibration import calibrate
     from compiler.quantization.select import DEFAULT_STATIC_OPS, equalize_concat_ranges, static_plan
     from rules import quantize_propagate
@@ -323,7 +338,7 @@ def _static(m, qmode, calibration, excluded, notes, run, calib_method, percentil
                                                                            list(plan.skipped.items())[:5]))
     t = time.perf_counter()
     table = calibrate(m, calibration, sorted(plan.tensors), method=calib_method, percentile=percentile,
-                      progress=progress, threads=threads)
+                      progress=progress, threads=threads, backend=calib_backend)
     table.seconds = time.perf_counter() - t
     if table.synthetic:
         notes.append(f"calibration data is {table.source}: ranges from random data are a smoke test only")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import ir
+from compiler.quantization.context import node_key
 from compiler.quantization.params import QuantizationError
 
 # ops whose quantized form onnxruntime fuses (QDQ node units), by role
@@ -38,7 +39,8 @@ def _is_weight(v) -> bool:
 
 
 def resolve_exclusions(model: ir.Model, exclude: Iterable | None) -> set[str]:
-    """Node names matched by ``exclude`` (names, op types, globs, or graft pattern objects).
+    """Node keys (:func:`~compiler.quantization.context.node_key`) matched by ``exclude``: node names,
+    output names, op types, name globs, or graft pattern objects.
 
     Raises:
         QuantizationError: an entry that matches no node (a typo would silently quantize everything).
@@ -51,12 +53,14 @@ def resolve_exclusions(model: ir.Model, exclude: Iterable | None) -> set[str]:
     out: set[str] = set()
     for e in exclude:
         if isinstance(e, str):
-            hit = {n.name for n in nodes if n.name == e or n.op_type == e or fnmatch.fnmatchcase(n.name, e)}
+            hit = {node_key(n) for n in nodes
+                   if n.op_type == e or any(name == e or fnmatch.fnmatchcase(name, e)
+                                            for name in (n.name, node_key(n), *(o.name for o in n.outputs)) if name)}
         else:
             hit = _pattern_nodes(model, e)
         if not hit:
-            raise QuantizationError(f"exclude entry {e!r} matches no node (give node names, op types such as "
-                                    f"'Softmax', name globs such as '*/attention/*', or a graft pattern)")
+            raise QuantizationError(f"exclude entry {e!r} matches no node (give node names, output names, op types "
+                                    f"such as 'Softmax', name globs such as '*/attention/*', or a graft pattern)")
         out |= hit
     return out
 
@@ -76,7 +80,7 @@ def _pattern_nodes(model: ir.Model, pattern) -> set[str]:
             continue
         b = Matcher(roots, model.opset).match(node)
         if b is not None:
-            out.update(n.name for n in b["__nodes__"])
+            out.update(node_key(n) for n in b["__nodes__"])
     return out
 
 
@@ -130,44 +134,45 @@ def static_plan(model: ir.Model, excluded: set[str], op_types: Iterable[str] = D
     for node in model.graph:
         if node.op_type not in ops or node.domain != "":
             continue
-        if node.name in excluded:
-            plan.skipped[node.name] = "excluded"
+        key = node_key(node)
+        if key in excluded:
+            plan.skipped[key] = "excluded"
             continue
         ins = [v for v in node.inputs if v is not None]
         if not node.outputs or node.outputs[0].dtype not in FLOAT_TYPES:
-            plan.skipped[node.name] = "output is not float"
+            plan.skipped[key] = "output is not float"
             continue
         acts = [v for v in ins if _is_activation(v)]
         if node.op_type in WEIGHT_OPS:
             if len(ins) < 2 or not _is_activation(ins[0]):
-                plan.skipped[node.name] = "first input is not a float activation"
+                plan.skipped[key] = "first input is not a float activation"
                 continue
             if node.op_type == "Gemm" and node.attrs.get("transA", 0):
-                plan.skipped[node.name] = "Gemm with transA=1"
+                plan.skipped[key] = "Gemm with transA=1"
                 continue
             if _is_weight(ins[1]):
                 w = ins[1].constant()
                 if (node.op_type == "Conv" and w.ndim < 3) or (node.op_type != "Conv" and w.ndim != 2):
-                    plan.skipped[node.name] = f"weight of rank {w.ndim}"
+                    plan.skipped[key] = f"weight of rank {w.ndim}"
                     continue
                 acts = [ins[0]]
             elif node.op_type == "MatMul" and activation_matmul and len(acts) == 2:
                 pass
             else:
-                plan.skipped[node.name] = "weight is not a constant"
+                plan.skipped[key] = "weight is not a constant"
                 continue
         elif node.op_type in BINARY_OPS:
             if len(acts) != 2:
-                plan.skipped[node.name] = "not two float activations"
+                plan.skipped[key] = "not two float activations"
                 continue
         elif node.op_type in POOL_OPS:
             if len(acts) != 1:
                 continue
-        plan.nodes.add(node.name)
+        plan.nodes.add(key)
         plan.tensors.update(v.name for v in acts)
         out = node.outputs[0]
         reader = _sole_reader(out)
-        if asymmetric and reader is not None and _is_relu_like(reader) and reader.name not in excluded:
+        if asymmetric and reader is not None and _is_relu_like(reader) and node_key(reader) not in excluded:
             plan.tensors.add(reader.outputs[0].name)
         else:
             plan.tensors.add(out.name)

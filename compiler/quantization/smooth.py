@@ -28,8 +28,9 @@ import ir
 from compiler.quantization.context import node_key
 
 OUTLIER_RATIO = 2.0
-MASSIVE_RATIO = 10.0
-MAX_EXTRA_CHANNELS = 0.125  # split at most K/8 extra channels per activation
+MASSIVE_RATIO = 4.0
+MAX_EXTRA_CHANNELS = 0.125
+ALIGN = 16  # split at most K/8 extra channels per activation
 
 
 @dataclass
@@ -87,6 +88,12 @@ def _split_counts(amax: np.ndarray) -> np.ndarray:
         if used + m[k] - 1 > budget:
             m[k] = max(1, budget - used + 1)
         used += m[k] - 1
+    # round the channel count up to a multiple of ALIGN (integer GEMM kernels pack K in blocks):
+    # the padding copies go, one at a time, to the channel whose range per copy is the largest
+    while used and (len(a) + used) % ALIGN:
+        k = int(np.argmax(a / m))
+        m[k] += 1
+        used += 1
     return m
 
 
@@ -101,7 +108,7 @@ def _factors(amax: np.ndarray, wmax: np.ndarray, alpha) -> np.ndarray:
 
 
 def smoothing_factors(model: ir.Model, calibration, alpha, excluded: set[str], *, progress: bool = True,
-                      threads: int = 0):
+                      threads: int = 0, backend: str = "onnxruntime"):
     """Calibrate the MatMul activations and compute SmoothQuant divisors.
 
     Args:
@@ -120,7 +127,7 @@ def smoothing_factors(model: ir.Model, calibration, alpha, excluded: set[str], *
         raise QuantizationError(f"smooth must be a migration strength in [0, 1] or 'split', got {alpha!r}")
     groups = matmul_groups(model, excluded)
     table = calibrate(model, calibration, {x: Request(channel_axis=-1) for x in groups}, progress=progress,
-                      threads=threads)
+                      threads=threads, backend=backend)
     out: dict[str, np.ndarray] = {}
     for x, nodes in groups.items():
         amax = table.channel_absmax(x)
