@@ -349,26 +349,31 @@ def _ratio(a: Seconds | None, b: Seconds | None, attr: str) -> float | None:
     return getattr(a, attr) / getattr(b, attr) if a is not None and b is not None else None
 
 
-def targets(report: dict) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for the issue's targets, from wall-clock times (CPU in brackets)."""
+def targets(report: dict) -> list[dict]:
+    """The issue's targets as {target, wall, cpu, met_wall, met_cpu}, judged on wall-clock time and,
+    separately, on CPU time (the steadier figure on a machine shared with other jobs)."""
     rows = {r["nodes"]: r for r in report["rows"]}
     out = []
     r10 = rows.get(10_000)
     if r10 is not None:
         us = r10["graft_us_per_node"]
-        out.append(("rewrite phase ≤ 20 µs/node at 10k nodes",
-                    f"{us['wall']:.1f} µs/node (cpu {us['cpu']:.1f})", us["wall"] <= TARGET_US_PER_NODE))
+        out.append({"target": f"rewrite phase ≤ {TARGET_US_PER_NODE:.0f} µs/node at 10k nodes (all rules)",
+                    "wall": f"{us['wall']:.1f} µs/node", "cpu": f"{us['cpu']:.1f} µs/node",
+                    "met_wall": us["wall"] <= TARGET_US_PER_NODE, "met_cpu": us["cpu"] <= TARGET_US_PER_NODE})
         p = r10.get("process") or {}
-        nv, v, osx = p.get("graft_no_verify"), p.get("graft_verify"), p.get("onnxscript")
-        for label, mine, limit in (("graft compile --no-verify ≤ ½ onnxscript process at 10k", nv, 0.5),
-                                   ("graft compile (verification on) ≤ onnxscript process at 10k", v, 1.0)):
-            w, c = _ratio(mine, osx, "wall"), _ratio(mine, osx, "cpu")
-            out.append((label, f"{_fmt(w)}× (cpu {_fmt(c)}×)", None if w is None else w <= limit))
+        osx = p.get("onnxscript")
+        for label, key, limit in (("graft compile --no-verify ≤ ½ onnxscript process at 10k", "graft_no_verify", 0.5),
+                                  ("graft compile (verification on) ≤ onnxscript process at 10k", "graft_verify", 1.0)):
+            w, c = _ratio(p.get(key), osx, "wall"), _ratio(p.get(key), osx, "cpu")
+            out.append({"target": label, "wall": f"{_fmt(w)}×", "cpu": f"{_fmt(c)}×",
+                        "met_wall": None if w is None else w <= limit, "met_cpu": None if c is None else c <= limit})
     for item in report["linearity"]:
         k = item["node_ratio"]
-        out.append((f"{k:.0f}× nodes ≤ {TARGET_LINEARITY / 10 * k:.1f}× rewrite time ({item['from']} → {item['to']})",
-                    f"{item['graft']['wall']:.2f}× (cpu {item['graft']['cpu']:.2f}×)",
-                    item["graft"]["wall"] <= TARGET_LINEARITY / 10 * k))
+        limit = TARGET_LINEARITY / 10 * k
+        g = item["graft"]
+        out.append({"target": f"{k:.0f}× nodes ≤ {limit:.1f}× rewrite time ({item['from']} → {item['to']})",
+                    "wall": f"{g['wall']:.2f}×", "cpu": f"{g['cpu']:.2f}×",
+                    "met_wall": g["wall"] <= limit, "met_cpu": g["cpu"] <= limit})
     return out
 
 
@@ -417,11 +422,12 @@ def print_report(report: dict) -> None:
                     _fmt(item["graft"]["cpu"], ".2f", "×"), _fmt(item["onnxscript"]["wall"], ".2f", "×"),
                     _fmt(item["onnxscript"]["cpu"], ".2f", "×"))
     console.print(lin)
-    tt = Table(title="targets (issue 2), judged on wall-clock time")
-    for col in ("target", "measured", "met"):
+    tt = Table(title="targets (issue 2)")
+    for col in ("target", "wall", "met (wall)", "cpu", "met (cpu)"):
         tt.add_column(col)
-    for name, measured, met in targets(report):
-        tt.add_row(name, measured, {True: "yes", False: "NO", None: "n/a"}[met])
+    yes = {True: "yes", False: "NO", None: "n/a"}
+    for t_ in targets(report):
+        tt.add_row(t_["target"], t_["wall"], yes[t_["met_wall"]], t_["cpu"], yes[t_["met_cpu"]])
     console.print(tt)
     s = report.get("startup") or {}
     sec = lambda x: "n/a" if x is None else f"{x.wall:.3f} s"  # noqa: E731

@@ -400,7 +400,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         bad = unknown_dims(ref_proto, dim_sizes)
         if bad:
             result.notes.append(bad + "; it was ignored")
-    if torch_module is not None and any(m.training for m in torch_module.modules()):
+    if torch_module is not None and torch_module is model_or_path and any(m.training for m in torch_module.modules()):
         result.notes.append(f"{source} was in training mode: captured (and verified) in eval mode, with dropout "
                             f"off and BatchNorm on its running statistics")
     if verify:

@@ -65,6 +65,10 @@ class Matcher:
             if isinstance(child, PatternNode) and child.op_type != "*":
                 needs.append((child.op_type, child.domain))
         self._root_needs = tuple(dict.fromkeys(needs))
+        # op.any_op(name=..., where=...) alone (constant folding's pattern) is tried at every node:
+        # match it without the general walk
+        r0 = roots[0]
+        self._lone_wildcard = len(roots) == 1 and r0.op_type == "*" and not r0.inputs and not r0.attrs
 
     # -- public -------------------------------------------------------------
     def match(self, node: Node) -> dict | None:
@@ -78,6 +82,17 @@ class Matcher:
                         break
                 else:
                     return None  # no input comes from a required op: the walk would fail
+        if self._lone_wildcard:
+            pn = self.roots[0]
+            where = getattr(pn, "node_where", None)
+            if where is not None and not where(node):
+                if self._track:
+                    self._miss(f"{_describe(node)} fails the pattern's node predicate", node, {"__nodes__": ()})
+                return None
+            b = {"__nodes__": (node,), "__roots__": (node,)}
+            if pn.name is not None:
+                b[pn.name] = node
+            return b
         if len(self.roots) == 1:
             return self._first(self.roots[0], node)
         for b in self._tree(self.roots[0], node, {"__nodes__": (), "__roots__": (node,)}):

@@ -43,6 +43,8 @@ def train(x_tr, y_tr, *, epochs: int = 30, seed: int = 0):
     import torch
 
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: more threads only contend
     model = build_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
@@ -56,6 +58,7 @@ def train(x_tr, y_tr, *, epochs: int = 30, seed: int = 0):
             loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
+    torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -33,6 +33,9 @@ from ir.dtypes import DataType
 ATEN_DOMAIN = "aten"
 DYNAMIC_ATTR = "_dynamic"
 LIST_SIZES_ATTR = "_list_sizes"
+# Value meta of an initializer that is a torch parameter permuted at compile time: (source fqn, perm);
+# the torch backend emits permute(parameter) for it (rules/lower_aten_util.permuted)
+PERMUTED_FROM = "torch.permuted_from"
 
 # torch dtype name -> ONNX element type (torch.<name>)
 TORCH_TO_ONNX_DTYPE = {

@@ -9,7 +9,8 @@
   ``per_channel_affine``); a lone QuantizeLinear or DequantizeLinear runs as is.
 - Initializers become attributes under their names (``encoder.layer.0.attention.
   self.query.weight`` lands in submodule ``encoder.layer.0...`` so state_dict keys
-  match the source model). Trainable ``nn.Parameter`` when captured from torch as
+  match the source model); a lowering's transposed copy of a parameter (``meta["torch.permuted_from"]``)
+  is ``permute`` of that parameter, so ties and names survive. Trainable ``nn.Parameter`` when captured from torch as
   a parameter, or — for ONNX models and rule-made tensors — when floating point,
   of more than one element, and not a BatchNormalization mean/variance or a
   quantization scale/zero point. Everything else is a buffer.
@@ -30,8 +31,8 @@ import torch.fx
 from ir import torch_ops, torch_ops_nn
 from ir._core import Model, Node, Tensor, Value
 from ir.dtypes import DataType
-from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, TENSOR, TENSOR_LIST, arg_layout,
-                           kwarg_only, overload, returns_list)
+from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, PERMUTED_FROM, TENSOR, TENSOR_LIST,
+                           arg_layout, kwarg_only, overload, returns_list)
 
 # (op_type, input index) slots that hold statistics or quantization parameters: never trainable.
 _FROZEN_SLOTS = {("BatchNormalization", 3), ("BatchNormalization", 4), ("QuantizeLinear", 1),
@@ -88,6 +89,7 @@ class _Builder:
         self.env: dict[Value, object] = {}
         self.attr_nodes: dict[Value, object] = {}
         self.paths: dict[str, str] = {}   # attribute path -> IR name
+        self.params: dict[str, tuple[str, torch.Tensor]] = {}  # torch fqn -> (path, data) of its parameter
 
     # -- state ----------------------------------------------------------------------
     def _register(self, name: str, tensor, trainable: bool) -> str:
@@ -130,12 +132,33 @@ class _Builder:
     def _get_attr(self, v: Value, tensor: Tensor | None = None):
         node = self.attr_nodes.get(v)
         if node is None:
-            name = v.meta.get("torch.fqn", v.name)
             t = tensor if tensor is not None else v.const
-            path = self._register(name, _to_torch_tensor(t), is_trainable(v, t))
-            node = self.fx.get_attr(path)
+            trainable = is_trainable(v, t)
+            data = _to_torch_tensor(t)
+            src = v.meta.get(PERMUTED_FROM) if tensor is None and trainable else None
+            perm = list(src[1]) if src is not None else []
+            if src is not None and sorted(perm) == list(range(data.dim())):
+                # a lowering's transposed copy of a parameter: a view of the source parameter, so training
+                # updates the one tensor (tied weights stay tied) under its source name and layout
+                source = data.permute(*np.argsort(perm).tolist()).contiguous()
+                path = self._shared(src[0], source)
+                node = self.fx.call_function(torch.permute, (self.fx.get_attr(path), tuple(perm)))
+            elif v.meta.get("torch.fqn") is not None and trainable:
+                node = self.fx.get_attr(self._shared(v.meta["torch.fqn"], data))
+            else:
+                node = self.fx.get_attr(self._register(v.meta.get("torch.fqn", v.name), data, trainable))
             self.attr_nodes[v] = node
         return node
+
+    def _shared(self, fqn: str, data) -> str:
+        """The path of trainable parameter ``fqn``, registered once for all IR values holding the same data."""
+        got = self.params.get(fqn)
+        if got is not None and got[1].shape == data.shape and got[1].dtype == data.dtype and \
+                torch.equal(got[1], data):
+            return got[0]
+        path = self._register(fqn, data, True)
+        self.params.setdefault(fqn, (path, data))
+        return path
 
     def value(self, v: Value | None):
         if v is None:
@@ -179,8 +202,8 @@ class _Builder:
         a = aten_args(n)
         dynamic = set(n.attrs.get(DYNAMIC_ATTR, ()))
         kwo = kwarg_only(n.op_type)
-        args, kwargs = [], {}
-        for name, kind, real, _default, _has in arg_layout(n.op_type):
+        args, kwargs, optional = [], {}, []
+        for name, kind, real, _default, has_default in arg_layout(n.op_type):
             val = a[name]
             if kind == TENSOR:
                 val = self.value(val) if isinstance(val, Value) else val
@@ -196,7 +219,9 @@ class _Builder:
                     kwargs[name] = val
             else:
                 args.append(val)
-        while args and args[-1] is None:
+                optional.append(has_default)
+        # trailing absent arguments take their defaults; a required `int?` (embedding_bag's padding_idx) stays
+        while args and args[-1] is None and optional[len(args) - 1]:
             args.pop()
         out = self.fx.call_function(target, tuple(args), kwargs)
         if len(n.outputs) == 1 and not returns_list(n.op_type) and len(target._schema.returns) == 1:

@@ -107,7 +107,8 @@ def eval_mode(module):
     """Put ``module`` and every submodule in eval mode; restore each one's own training flag after
     (``module.train(flag)`` would set every submodule to the top-level flag)."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in flags:  # not module.eval(): an ExportedProgram's module() refuses it
+        m.training = False
     try:
         yield module
     finally:

@@ -11,12 +11,15 @@ constant of that dtype — what torch does with a "wrapped number" (PyTorch docs
   ``div(x, y, rounding_mode="floor")``: Floor(x / y) for floats, ``(x - Mod(x, y)) / y`` for
   integers (ONNX Mod with fmod=0 takes the divisor's sign, i.e. floor division's remainder);
   ``"trunc"``: Sign(q) * Floor(|q|) for floats, ONNX integer Div (which truncates).
-- ``clamp(x, lo, hi)``: Clip; ``masked_fill(x, m, v) = Where(m, v, x)``; ``rsqrt = 1/Sqrt``.
+- ``clamp(x, lo, hi)``: Clip (Max/Min for tensor bounds: Clip takes scalars only);
+  ``masked_fill(x, m, v) = Where(m, v, x)``; ``rsqrt = 1/Sqrt``.
 - ``to``/``_to_copy``/``clone``/``contiguous``/``alias``/``detach``: Cast to the output dtype, or the
   input itself.
 - ``mean``/``sum``/``amax``/``amin``/``prod``/``logsumexp`` over ``dim`` (all axes when absent):
-  Reduce* with ``keepdims``; ``max.dim``/``min.dim``: ReduceMax/Min (refused when the indices are used);
+  Reduce* with ``keepdims``; ``max.dim``/``min.dim``: ReduceMax/Min, and ArgMax/ArgMin for the indices;
   ``argmax``/``argmin``: ArgMax/ArgMin (over the flattened tensor when ``dim`` is None).
+- ``fill(x, v)``: v broadcast to x's shape; ``diff(x, n, d, prepend, append)``: Concat, then n times
+  Slice(1:) - Slice(:-1) (Xor for bool).
 - ``arange``/``full``/``zeros``/``ones``/``*_like``/``new_*``/``scalar_tensor``: a constant when every
   size is known at capture time, else Range / ConstantOfShape.
 """
@@ -25,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 from ir import DataType, Tensor, Value
-from rules.lower_aten_util import cast, const, ints, lowering, operand, out_dtype, promote, refuse, scalar
-from rules.lower_aten_nn import _only_first_output, passthrough
+from rules.lower_aten_util import cast, const, ints, lowering, operand, out_dtype, promote, rank, refuse, scalar
+from rules.lower_aten_nn import passthrough
 
 
 def _dtype_of(x) -> DataType:
@@ -150,6 +153,10 @@ def clamp(op, a, n):
     hi = a.get("max")
     lo = operand(op, lo, dt) if lo is not None else None
     hi = operand(op, hi, dt) if hi is not None else None
+    if any(b is not None and b.shape != () for b in (lo, hi)):
+        # ONNX Clip takes scalar bounds only; tensor bounds broadcast: min(max(x, lo), hi), as torch computes
+        y = op.Max(x, lo) if lo is not None else x
+        return op.Min(y, hi) if hi is not None else y
     if hi is None:
         return op.Clip(x, lo) if lo is not None else x
     return op.Clip(x, lo, hi)
@@ -207,9 +214,11 @@ _REDUCE = {"mean": "ReduceMean", "sum": "ReduceSum", "amax": "ReduceMax", "amin"
 
 
 def reduce(op, a, n):
-    """mean/sum/amax/amin/max/min/prod/logsumexp over dims -> Reduce*(axes, keepdims)."""
+    """mean/sum/amax/amin/max/min/prod/logsumexp over dims -> Reduce*(axes, keepdims); the indices of
+    ``max.dim``/``min.dim`` -> ArgMax/ArgMin (the first extreme, as torch documents)."""
     base = n.op_type.split(".")[0]
-    _only_first_output(n, "the indices output")
+    indices = n.op_type in ("max.dim", "min.dim") and len(n.outputs) > 1 and \
+        any(o.num_uses or o.is_graph_output() for o in n.outputs[1:])
     dt = out_dtype(n)
     x = cast(op, a["self"], dt)
     dims = a.get("dim")
@@ -219,7 +228,11 @@ def reduce(op, a, n):
     onnx_op = getattr(op, _REDUCE[base])
     if not dims:
         return onnx_op(x, keepdims=keep)
-    return onnx_op(x, ints(op, dims), keepdims=keep)
+    values = onnx_op(x, ints(op, dims), keepdims=keep)
+    if not indices:
+        return values
+    arg = op.ArgMax if base == "max" else op.ArgMin
+    return values, arg(a["self"], axis=dims[0], keepdims=keep, select_last_index=0)
 
 
 def argmax(op, a, n):
@@ -282,6 +295,35 @@ def full_like(op, a, n):
     return op.ConstantOfShape(op.Shape(x), value=Tensor(np.array([value]).astype(dt.to_numpy())))
 
 
+def fill(op, a, n):
+    """fill(x, value) (``x[...] = v``, functionalized): ``value`` broadcast to x's shape."""
+    x, v = a["self"], a["value"]
+    dt = out_dtype(n)
+    if not isinstance(v, Value) and x.shape is not None and all(isinstance(d, int) for d in x.shape):
+        return const(op, np.full(x.shape, v), dt)
+    shape = ints(op, list(x.shape)) if x.shape is not None and all(isinstance(d, int) for d in x.shape) \
+        else op.Shape(x)
+    return op.Expand(operand(op, v, dt), shape)
+
+
+def diff(op, a, n):
+    """diff(x, n, dim, prepend, append): Concat(prepend, x, append), then n times x[1:] - x[:-1]
+    along dim (Xor for bool, as torch)."""
+    x = a["self"]
+    r = rank(x)
+    d = a["dim"] + r if a["dim"] < 0 else a["dim"]
+    parts = [t for t in (a.get("prepend"), x, a.get("append")) if t is not None]
+    if any(rank(t) != r for t in parts):
+        refuse("prepend/append of another rank")
+    y = op.Concat(*parts, axis=d) if len(parts) > 1 else x
+    axes = ints(op, [d])
+    for _ in range(a.get("n", 1)):
+        hi = op.Slice(y, ints(op, [1]), ints(op, [2**63 - 1]), axes)
+        lo = op.Slice(y, ints(op, [0]), ints(op, [-1]), axes)
+        y = op.Xor(hi, lo) if x.dtype == DataType.BOOL else op.Sub(hi, lo)
+    return y
+
+
 def scalar_tensor(op, a, n):
     """scalar_tensor(s) -> a 0-d constant."""
     return operand(op, a["s"], out_dtype(n))
@@ -333,4 +375,6 @@ RULES = [
                "new_ones.default", "new_full.default", "new_empty.default"], full),
     *lowering(["zeros_like.default", "ones_like.default", "full_like.default", "empty_like.default"], full_like),
     *lowering("scalar_tensor.default", scalar_tensor),
+    *lowering(["fill.Scalar", "fill.Tensor"], fill),
+    *lowering("diff.default", diff),
 ]

@@ -10,7 +10,8 @@ Each rule replaces one ``aten`` node by ONNX ops computing the same values:
   (Unsqueeze / Squeeze), for pooling too.
 - ``batch_norm`` (inference) / ``_native_batch_norm_legit_no_training``: BatchNormalization
   (``weight``/``bias`` default to 1/0), so ``fold_batchnorm_into_conv`` applies afterwards.
-- ``linear(x, W, b) = x @ W^T + b``: Gemm(transB=1) for 2-D x, else MatMul(x, Transpose(W)) + b;
+- ``linear(x, W, b) = x @ W^T + b``: Gemm(transB=1) for 2-D x, else MatMul(x, W^T) + b, W^T a
+  transposed initializer that the torch backend turns back into W (see ``lower_aten_util.permuted``);
   ``addmm(C, A, B, beta, alpha) = beta*C + alpha*A@B``: Gemm; ``mm``/``bmm``/``matmul``: MatMul.
 - ``layer_norm``: LayerNormalization(axis = -len(normalized_shape)); ``group_norm``:
   InstanceNormalization over ``[N, G, C/G*spatial]`` (per-group mean/variance), then the
@@ -35,7 +36,7 @@ import math
 import numpy as np
 
 from ir import DataType
-from rules.lower_aten_util import cast, const, ints, lowering, out_dtype, rank, refuse, static_dim
+from rules.lower_aten_util import cast, const, ints, lowering, out_dtype, permuted, rank, refuse, static_dim
 
 
 def _expand(v, n: int) -> list[int]:
@@ -180,7 +181,7 @@ def linear(op, a, n):
     x, w, b = a["input"], a["weight"], a["bias"]
     if rank(x) == 2 and rank(w) == 2:
         return op.Gemm(*_inputs(x, w, b), transB=1)
-    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]) if rank(w) == 2 else w)
+    y = op.MatMul(x, permuted(op, w, [1, 0]) if rank(w) == 2 else w)
     return op.Add(y, b) if b is not None else y
 
 

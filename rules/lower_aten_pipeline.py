@@ -1,8 +1,8 @@
 """The ``lower_aten`` pipeline: rewrite ATen ops captured from torch into ONNX ops.
 
 Lowering is ordinary rewriting: the rules in ``rules/lower_aten_nn.py``,
-``lower_aten_math.py`` and ``lower_aten_shape.py`` run to a fixed point like any
-other rule set, then dead code is dropped. Ops without a lowering (or whose
+``lower_aten_math.py``, ``lower_aten_shape.py`` and ``lower_aten_stats.py`` run to a fixed
+point like any other rule set, then dead code is dropped. Ops without a lowering (or whose
 lowering refused, e.g. training-mode BatchNorm) stay in the ``aten`` domain: the
 torch backend still runs them, the ONNX backend refuses the model with
 :class:`ir.torch_aten.UnloweredOpError` listing each one and its module.
@@ -17,9 +17,9 @@ from compiler.passes import FunctionPass, Pipeline, RewritePass
 from compiler.rule import RuleSet
 from ir import Model
 from ir.torch_aten import ATEN_DOMAIN
-from rules import lower_aten_math, lower_aten_nn, lower_aten_shape
+from rules import lower_aten_math, lower_aten_nn, lower_aten_shape, lower_aten_stats
 
-LOWERING_RULES = [*lower_aten_nn.RULES, *lower_aten_math.RULES, *lower_aten_shape.RULES]
+LOWERING_RULES = [*lower_aten_nn.RULES, *lower_aten_math.RULES, *lower_aten_shape.RULES, *lower_aten_stats.RULES]
 
 
 def drop_aten_opset(model: Model) -> int:

@@ -21,6 +21,13 @@
   ``upsample_nearest*``: Resize(nearest, asymmetric, floor) = torch's "nearest";
   ``upsample_bilinear2d``: Resize(linear, align_corners or pytorch_half_pixel);
   ``pixel_shuffle``: DepthToSpace(CRD).
+- ``unflatten(x, d, sizes)``: Reshape to ``x.shape[:d] + sizes + x.shape[d+1:]``; ``flip``: Slice with
+  step -1; ``expand_as(x, y)``: Expand(x, Shape(y)).
+- in-place writes, functionalized: ``select_scatter(x, src, d, i)`` = Where(one-hot mask of i along d,
+  Unsqueeze(src, d), x); ``slice_scatter(x, src, d, start, end, step)`` = Where(mask of the slice,
+  Gather(src, idx, d), x), idx[p] = the src row written at position p (static dim d).
+- ``split``/``chunk`` along a run-time dim D: pieces of s = split_size (chunk: ceil(D / chunks)) and
+  a last one of D - s*(n-1), the count n fixed at capture.
 """
 from __future__ import annotations
 
@@ -28,8 +35,8 @@ import numpy as np
 
 from ir import DataType, Value
 from rules.lower_aten_nn import passthrough
-from rules.lower_aten_util import (INT64_MAX, axis, cast, const, ints, lowering, one_d, out_dtype, rank, refuse,
-                                   scalar)
+from rules.lower_aten_util import (INT64_MAX, axis, cast, const, ints, lowering, one_d, out_dtype, permuted, rank,
+                                   refuse, scalar, static_dim)
 
 
 def view(op, a, n):
@@ -59,11 +66,26 @@ def flatten(op, a, n):
     return op.Reshape(x, op.Concat(ints(op, [0] * s + [-1]), op.Shape(x, start=e + 1), axis=0))
 
 
+def unflatten(op, a, n):
+    """unflatten(x, dim, sizes) -> Reshape to ``x.shape[:dim] + sizes + x.shape[dim+1:]``."""
+    x, sizes = a["self"], a["sizes"]
+    r = rank(x)
+    d = axis(a["dim"], r)
+    out = n.outputs[0].shape
+    if out is not None and all(isinstance(s, int) for s in out):
+        return op.Reshape(x, ints(op, list(out)), allowzero=int(0 in out))
+    parts = [op.Shape(x, start=0, end=d)] if d > 0 else []
+    parts.append(sizes if isinstance(sizes, Value) else ints(op, sizes))
+    if d + 1 < r:
+        parts.append(op.Shape(x, start=d + 1))
+    return op.Reshape(x, op.Concat(*parts, axis=0) if len(parts) > 1 else parts[0])
+
+
 def permute(op, a, n):
     """permute(x, dims) -> Transpose."""
     x = a["self"]
     r = rank(x)
-    return op.Transpose(x, perm=[axis(d, r) for d in a["dims"]])
+    return permuted(op, x, [axis(d, r) for d in a["dims"]])
 
 
 def transpose(op, a, n):
@@ -76,7 +98,7 @@ def transpose(op, a, n):
         (r - 2, r - 1) if n.op_type.startswith("mT") else (0, 1)
     perm = list(range(r))
     perm[d0], perm[d1] = perm[d1], perm[d0]
-    return op.Transpose(x, perm=perm)
+    return permuted(op, x, perm)
 
 
 def expand(op, a, n):
@@ -150,13 +172,36 @@ def split(op, a, n):
     if not unbind:
         for o in n.outputs:
             if o.shape is None or not isinstance(o.shape[d], int):
-                refuse("piece sizes known only at run time")
+                sizes = None  # a piece size depends on a run-time dim
+                break
             sizes.append(o.shape[d])
-    pieces = op.Split(x, ints(op, sizes), axis=d, _outputs=len(sizes))
+    count = len(n.outputs)
+    pieces = op.Split(x, ints(op, sizes) if sizes is not None else _runtime_split(op, a, n, x, d, count),
+                      axis=d, _outputs=count)
     pieces = pieces if isinstance(pieces, tuple) else (pieces,)
     if unbind:
         pieces = tuple(op.Squeeze(p, ints(op, [d])) for p in pieces)
     return pieces
+
+
+def _runtime_split(op, a, n, x, d: int, count: int):
+    """Split sizes when the split dim is known only at run time: ``split_with_sizes``' own list, else
+    ``count - 1`` pieces of the split size s and the rest, s = split_size (``split``) or
+    ceil(D / chunks) (``chunk``)."""
+    if "split_sizes" in a:
+        got = a["split_sizes"]
+        return got if isinstance(got, Value) else refuse("piece sizes known only at run time")
+    dim = op.Gather(op.Shape(x), const(op, np.array(d), DataType.INT64), axis=0)
+    if "chunks" in a:
+        c = const(op, np.array(a["chunks"]), DataType.INT64)
+        size = op.Div(op.Add(dim, op.Sub(c, const(op, np.array(1), DataType.INT64))), c)
+    else:
+        size = scalar(op, a["split_size"])
+    if count == 1:
+        return op.Unsqueeze(dim, ints(op, [0]))
+    first = op.Expand(op.Unsqueeze(size, ints(op, [0])), ints(op, [count - 1]))
+    rest = op.Sub(dim, op.Mul(size, const(op, np.array(count - 1), DataType.INT64)))
+    return op.Concat(first, op.Unsqueeze(rest, ints(op, [0])), axis=0)
 
 
 def slice_(op, a, n):
@@ -268,25 +313,99 @@ def upsample(op, a, n):
         sizes = ints(op, list(out.shape))
     else:
         k = len(out.shape) - 2
-        osz = a.get("output_size")
-        if not isinstance(osz, list) or not all(isinstance(d, int) for d in osz):
+        osz, sf = a.get("output_size"), a.get("scale_factors")
+        if isinstance(osz, list) and all(isinstance(d, int) for d in osz):
+            sizes = op.Concat(op.Shape(x, start=0, end=2), ints(op, osz[-k:]), axis=0)
+        elif isinstance(osz, Value):
+            sizes = op.Concat(op.Shape(x, start=0, end=2), cast(op, osz, DataType.INT64), axis=0)
+        elif isinstance(sf, list) and len(sf) == k:
+            # out = floor(in * scale), source = dst / scale: torch's rule when scale_factor is given
+            sizes = None
+            scales = const(op, np.array([1.0, 1.0, *sf]), DataType.FLOAT)
+        else:
             refuse("output size known only at run time")
-        sizes = op.Concat(op.Shape(x, start=0, end=2), ints(op, osz[-k:]), axis=0)
+    args = (x, None, None, sizes) if sizes is not None else (x, None, scales)
     if "nearest" in n.op_type:
-        return op.Resize(x, None, None, sizes, mode="nearest", coordinate_transformation_mode="asymmetric",
-                         nearest_mode="floor")
+        return op.Resize(*args, mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     ctm = "align_corners" if a.get("align_corners") else "pytorch_half_pixel"
-    return op.Resize(x, None, None, sizes, mode="linear", coordinate_transformation_mode=ctm)
+    return op.Resize(*args, mode="linear", coordinate_transformation_mode=ctm)
 
 
 def pixel_shuffle(op, a, n):
-    """pixel_shuffle(x, r) -> DepthToSpace(blocksize=r, mode=CRD)."""
-    return op.DepthToSpace(a["self"], blocksize=a["upscale_factor"], mode="CRD")
+    """pixel_shuffle(x, r) -> DepthToSpace(blocksize=r, mode=CRD) (an unbatched [C, H, W] x as a batch of one)."""
+    x = a["self"]
+    if rank(x) == 3:
+        zero = ints(op, [0])
+        return op.Squeeze(op.DepthToSpace(op.Unsqueeze(x, zero), blocksize=a["upscale_factor"], mode="CRD"), zero)
+    if rank(x) != 4:
+        refuse("pixel_shuffle of a tensor with more than one batch dim")
+    return op.DepthToSpace(x, blocksize=a["upscale_factor"], mode="CRD")
+
+
+def _positions(d: int, start, end, step: int) -> list[int]:
+    """The positions ``range(d)[start:end:step]`` (torch/Python slice semantics)."""
+    if isinstance(start, Value) or isinstance(end, Value):
+        refuse("slice bounds known only at run time")
+    return list(range(d))[slice(start, end, step)]
+
+
+def select_scatter(op, a, n):
+    """select_scatter(x, src, dim, i) = Where(position == i along dim, Unsqueeze(src, dim), x)."""
+    x, src = a["self"], a["src"]
+    r = rank(x)
+    d = axis(a["dim"], r)
+    size = static_dim(x, d)
+    i = a["index"]
+    if isinstance(i, Value):
+        refuse("index known only at run time")
+    mask = np.zeros([size if j == d else 1 for j in range(r)], dtype=bool)
+    mask.reshape(-1)[i % size] = True
+    return op.Where(const(op, mask), op.Unsqueeze(cast(op, src, x.dtype), ints(op, [d])), x)
+
+
+def slice_scatter(op, a, n):
+    """slice_scatter(x, src, dim, start, end, step): x with ``x[..., start:end:step, ...] = src``, as
+    Where(mask, Gather(src, idx, dim), x) where position p of the slice reads src[idx[p]]."""
+    x, src = a["self"], a["src"]
+    r = rank(x)
+    d = axis(a["dim"], r)
+    size = static_dim(x, d)
+    step = a.get("step", 1) or 1
+    if isinstance(step, Value):
+        refuse("slice step known only at run time")
+    pos = _positions(size, a.get("start"), a.get("end"), step)
+    if not pos:
+        return passthrough(op, x, n)
+    idx = np.zeros(size, dtype=np.int64)
+    mask = np.zeros([size if j == d else 1 for j in range(r)], dtype=bool)
+    for j, p in enumerate(pos):
+        idx[p] = j
+        mask.reshape(-1)[p] = True
+    if pos == list(range(size)):
+        return passthrough(op, cast(op, src, x.dtype), n)
+    return op.Where(const(op, mask), op.Gather(cast(op, src, x.dtype), const(op, idx), axis=d), x)
+
+
+def flip(op, a, n):
+    """flip(x, dims) -> Slice with step -1 on each dim."""
+    x = a["self"]
+    r = rank(x)
+    dims = [axis(d, r) for d in a["dims"]]
+    if not dims:
+        return passthrough(op, x, n)
+    k = len(dims)
+    return op.Slice(x, ints(op, [-1] * k), ints(op, [-INT64_MAX] * k), ints(op, dims), ints(op, [-1] * k))
+
+
+def expand_as(op, a, n):
+    """expand_as(x, other) -> Expand(x, Shape(other))."""
+    return op.Expand(a["self"], op.Shape(a["other"]))
 
 
 RULES = [
     *lowering(["view.default", "reshape.default", "_unsafe_view.default"], view),
     *lowering("flatten.using_ints", flatten),
+    *lowering("unflatten.int", unflatten),
     *lowering("permute.default", permute),
     *lowering(["transpose.int", "t.default", "mT.default"], transpose),
     *lowering("expand.default", expand),
@@ -309,4 +428,8 @@ RULES = [
     *lowering(["upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
                "upsample_nearest2d.default", "upsample_bilinear2d.vec", "upsample_bilinear2d.default"], upsample),
     *lowering("pixel_shuffle.default", pixel_shuffle),
+    *lowering("select_scatter.default", select_scatter),
+    *lowering("slice_scatter.default", slice_scatter),
+    *lowering("flip.default", flip),
+    *lowering("expand_as.default", expand_as),
 ]

@@ -19,7 +19,7 @@ import numpy as np
 
 from compiler import Rule, op
 from ir import DataType, Node, Value
-from ir.torch_aten import TORCH_TO_ONNX_DTYPE, aten_args
+from ir.torch_aten import PERMUTED_FROM, TORCH_TO_ONNX_DTYPE, aten_args
 
 aten = op.domain("aten")
 INT64_MAX = 2**63 - 1
@@ -114,6 +114,24 @@ def const(op, array, dtype: DataType | None = None, name: str | None = None) -> 
     v = op.const(arr, dtype=dtype, name=name)
     v.meta["torch.kind"] = "constant"
     return v
+
+
+def permuted(op, v: Value, perm: list[int]) -> Value:
+    """``Transpose(v, perm)``; for a torch parameter, the transposed copy as a new initializer instead,
+    marked ``meta["torch.permuted_from"] = (fqn, perm)``.
+
+    The ONNX output gets the weight in the layout MatMul wants (what constant folding would make
+    of the Transpose anyway); the torch backend rebuilds it as ``permute`` of the one source
+    parameter, so its state_dict keeps the source name and layout and tied weights (an embedding
+    shared with an LM head) stay one parameter.
+    """
+    if v.const is None or v.meta.get("torch.kind") != "parameter":
+        return op.Transpose(v, perm=list(perm))
+    t = v.const
+    new = op.const(np.ascontiguousarray(np.transpose(t.array, perm)), dtype=t.dtype, name=f"{v.name}_T")
+    new.meta["torch.kind"] = "parameter"
+    new.meta[PERMUTED_FROM] = (str(v.meta.get("torch.fqn", v.name)), [int(p) for p in perm])
+    return new
 
 
 def ints(op, values) -> Value:

@@ -43,7 +43,7 @@ def _int_matmul(op, x, qv, zv, sv, hint: str):
 
 def dynamic_rules(ctx: QuantContext) -> list[Rule]:
     """MatMul / Gemm with constant weights → dynamic int8; Gather embeddings → int8 table."""
-    x, b, ids = Var("x"), Const("b"), Var("ids")
+    x, b = Var("x"), Const("b")
     w = Const("w", where=is_float_weight)
 
     def _check(m, node, w_arr):
@@ -94,6 +94,13 @@ def dynamic_rules(ctx: QuantContext) -> list[Rule]:
     dynamic_quantize_gemm = Rule("dynamic_quantize_gemm", op.Gemm(x, w, op.optional(b), name="gemm"),
                                  gemm_replacement, check=gemm_check)
 
+    return [dynamic_quantize_matmul, dynamic_quantize_gemm, *embedding_rules(ctx)]
+
+
+def embedding_rules(ctx: QuantContext) -> list[Rule]:
+    """Gather(W, ids) on a constant 2-D table → int8 rows with per-row scales (also used by weight-only)."""
+    w, ids = Const("w", where=is_float_weight), Var("ids")
+
     def gather_check(m):
         if m.gather.meta.get(PROVENANCE_RULE) == "quantize_embedding":
             return m.fail("this Gather reads a table quantize_embedding made (int8 rows or their scales)", m.gather)
@@ -125,7 +132,7 @@ def dynamic_rules(ctx: QuantContext) -> list[Rule]:
 
     quantize_embedding = Rule("quantize_embedding", op.Gather(w, ids, name="gather"), gather_replacement,
                               check=gather_check)
-    return [dynamic_quantize_matmul, dynamic_quantize_gemm, quantize_embedding]
+    return [quantize_embedding]
 
 
 def smoothing_rules(ctx: QuantContext) -> list[Rule]:

@@ -57,3 +57,4 @@ def reshape_rules(shapes: dict[str, tuple]) -> list[Rule]:
 
 
 RULES: list[Rule] = []  # needs symbolic shapes: see reshape_rules(shapes)
+

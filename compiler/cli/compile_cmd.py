@@ -41,10 +41,11 @@ def _prune_config(ratio, criterion, round_to, zero_only, scope, calibration):
 
 
 def _prune_errors() -> tuple:
-    from compiler.pruning import PruneError, SelectionError
+    from compiler.pruning import AnalysisError, PruneError, SelectionError
     from compiler.pruning.plan import PlanError
+    from compiler.pruning.shapes import ShapeError
 
-    return PruneError, SelectionError, PlanError
+    return PruneError, SelectionError, PlanError, AnalysisError, ShapeError
 
 
 @main.command("compile")

@@ -43,7 +43,16 @@ def compensate(analysis, keep_mask, edit_of) -> None:
             captures.append((leak, np.flatnonzero(mapped)))
     if not captures:
         return
-    values = _capture(analysis, [leak.node.inputs[0] for leak, _ in captures])
+    try:
+        values = _capture(analysis, [leak.node.inputs[0] for leak, _ in captures])
+    except Exception as e:  # noqa: BLE001 - ORT cannot run the model (ops it lacks): say what needed the run
+        from compiler.pruning.plan import PlanError
+
+        node = captures[0][0].node
+        raise PlanError(f"removing input-independent channels read by {node.op_type} node {node.name!r} needs "
+                        f"their values from one onnxruntime run of the model, which failed "
+                        f"({type(e).__name__}: {str(e)[:200]}); prune with a ratio that keeps them, or make "
+                        f"the model runnable in onnxruntime first") from None
     for leak, idx in captures:
         x = values[leak.node.inputs[0].name][:1]
         if leak.node.op_type == "Conv":

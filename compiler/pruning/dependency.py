@@ -141,9 +141,10 @@ class Analyzer:
         self.leaks: list[Leak] = []
         self.deferred: list = []
         self.rectangular: list = []  # split blocks (heads) to make rectangular after the walk
-        # (atoms, where): sub-ranges (Split outputs, Slice results) that must keep at least one position,
-        # or the tensor would have a zero-sized channel axis
+        # (atoms, where): what each tensor carries; each must keep at least one position, or the tensor would
+        # have a zero-sized channel axis (a Split output, a Slice result, a conv feeding part of a Concat)
         self.nonempty: list[tuple[np.ndarray, str]] = []
+        self._nonempty_seen: set[int] = set()
         self.conv_groups: list[np.ndarray] = []  # input channels of grouped Convs (a class = a conv group)
 
     # -- queries ------------------------------------------------------------
@@ -171,6 +172,12 @@ class Analyzer:
                                       f"cannot be followed")
             return
         self.layouts[v] = lay
+        # every tensor must keep a position along its carried axes: a conv whose outputs are only part of a
+        # group (concatenated, then added to a residual), a Split output, a Slice result
+        if id(lay.atoms) not in self._nonempty_seen:
+            self._nonempty_seen.add(id(lay.atoms))
+            self.nonempty.append((lay.atoms, f"output {v.name!r} of {_where(v.producer)}" if v.producer is not None
+                                  else repr(v.name)))
 
     def edit(self, node: Node, kind: str) -> NodeEdit:
         e = self.edits.get(node)
@@ -346,12 +353,14 @@ def analyze(model: Model, dim_sizes: dict[str, int] | None = None, shapes: dict 
         an :class:`Analysis`. Groups that cannot be pruned keep their reason in ``Group.blocked``.
 
     Raises:
-        AnalysisError: the model has aten-domain ops left (lower it first) or no graph inputs typed.
+        AnalysisError: the model is all aten-domain ops (lower it first). Aten ops left after lowering
+            (ops with no ONNX equivalent) are opaque: the channels they read are blocked.
     """
-    aten = [n for n in model.all_nodes() if n.domain == "aten"]
-    if aten:
-        raise AnalysisError(f"the model still has {len(aten)} aten op(s) (first: {_where(aten[0])}); lower them "
-                            f"to ONNX ops (rules/lower_aten*) before pruning")
+    aten = [n for n in model.graph if n.domain == "aten"]
+    if aten and len(aten) == sum(1 for _ in model.graph):
+        raise AnalysisError(f"the model has only aten ops (first: {_where(aten[0])}); lower them to ONNX ops "
+                            f"(rules/lower_aten*) before pruning")
+    # aten ops left after lowering (no ONNX equivalent) are opaque: the walk blocks what they read
     if shapes is None:
         shapes = static_shapes(model, dim_sizes)
     an = Analyzer(model, shapes)

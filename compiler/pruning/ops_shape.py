@@ -302,7 +302,6 @@ def h_split(an: Analyzer, node: Node) -> None:
                       np.take(lay.static, idx, axis=p))
         parts.append(part.atoms)
         an.set_layout(o, part)
-        an.nonempty.append((part.atoms, f"output {o.name!r} of {_where(node)}"))
         off += s
     e = an.edit(node, "split")
     e.info.update(axis=axis, position=p, parts=parts)
@@ -343,7 +342,6 @@ def h_slice(an: Analyzer, node: Node) -> None:
     an.set_layout(node.outputs[0], Layout(lay.axes, atoms, cval, static))
     if cuts:
         an.edit(node, "slice").info["cuts"] = cuts
-        an.nonempty.append((atoms, f"the result of {_where(node)}"))
 
 
 def h_expand(an: Analyzer, node: Node) -> None:

@@ -136,7 +136,8 @@ def _pct(a: int, b: int) -> str:
 
 
 def renderables(report: PruneReport, max_rows: int = 12) -> list:
-    """Rich renderables: totals, groups pruned (requested vs actual), the layers that changed most."""
+    """Rich renderables: totals, groups pruned (requested vs actual), parameters and MACs of the layers that
+    changed most (before → after), the output deviation and any notes."""
     parts = []
     head = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title="pruning", title_justify="left")
     for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
@@ -161,6 +162,7 @@ def renderables(report: PruneReport, max_rows: int = 12) -> list:
     if len(shown) > max_rows:
         groups.add_row(Text(f"... {len(shown) - max_rows} more", style="dim"), "", "", "", "", "")
     parts.append(groups)
+    parts.extend(_layer_table(report.layers(), max_rows))
     unprunable = [g for g in report.groups if g.blocked == g.size]
     if unprunable:
         parts.append(Text(f"{len(unprunable)} group(s) cannot be pruned, e.g. {unprunable[0].label}: "
@@ -174,6 +176,27 @@ def renderables(report: PruneReport, max_rows: int = 12) -> list:
     for note in report.notes:
         parts.append(Text(note, style="yellow"))
     return parts
+
+
+def _layer_table(layers: list[dict], max_rows: int) -> list:
+    """Parameters and MACs per compute layer, before → after: the layers that changed, largest MAC cut first
+    (every layer, normalizations included, is in :meth:`PruneReport.layers`)."""
+    changed = [r for r in layers if r["macs"][0] and (r["params"][0] != r["params"][1] or
+                                                       r["macs"][0] != r["macs"][1])]
+    if not changed:
+        return []
+    changed.sort(key=lambda r: (r["macs"][1] - r["macs"][0], r["params"][1] - r["params"][0]))
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title="params / MACs per layer",
+              title_justify="left")
+    for col, just in (("layer", "left"), ("op", "left"), ("params", "right"), ("", "right"), ("MACs", "right"),
+                      (" ", "right")):
+        t.add_column(col, justify=just)
+    for r in changed[:max_rows]:
+        t.add_row(r["name"], r["op"], f"{r['params'][0]:,} → {r['params'][1]:,}", _pct(*r["params"]),
+                  f"{_n(r['macs'][0])} → {_n(r['macs'][1])}", _pct(*r["macs"]))
+    if len(changed) > max_rows:
+        t.add_row(Text(f"... {len(changed) - max_rows} more", style="dim"), "", "", "", "", "")
+    return [t]
 
 
 # --------------------------------------------------------------------------- graft diff section

@@ -153,7 +153,7 @@ def select(analysis: Analysis, ratio: float, *, criterion: str = "l2", scope: st
                 ex = ex[:-1]
                 ch.note = _join(ch.note, "every channel is removable: kept 1")
             ch.remove = ex
-        _keep_nonempty(choices, analysis.nonempty, 1)
+        _keep_nonempty(choices, analysis.nonempty, 1, swap=False)
         return choices
     if scope == "local":
         for ch in choices:
@@ -164,21 +164,39 @@ def select(analysis: Analysis, ratio: float, *, criterion: str = "l2", scope: st
     return choices
 
 
-def _keep_nonempty(choices: list[Choice], nonempty: list, round_to: int) -> None:
-    """Give back the most important removed class of every Split/Slice range the choice would empty
-    (then more, up to the rounding unit); a zero-sized channel axis is no model."""
+def _keep_nonempty(choices: list[Choice], nonempty: list, round_to: int, swap: bool = True) -> None:
+    """Keep every tensor's channel axis non-empty (:attr:`Analysis.nonempty`: a Split output, a Slice
+    result, a conv feeding part of a Concat): give back the most important removed class of a tensor the
+    choice would empty, and (``swap``) remove instead the least important other class of the group whose
+    removal empties nothing, so the group keeps its count. Without a swap, more classes are given back up
+    to the rounding unit."""
     owner = {c: ch for ch in choices for c in ch.remove}
-    touched: dict[int, Choice] = {}
-    for classes, where in nonempty:
-        if not classes or any(c not in owner for c in classes):
+    holders: dict[int, list[int]] = {}
+    for i, (classes, _) in enumerate(nonempty):
+        for c in classes:
+            holders.setdefault(c, []).append(i)
+    left = [sum(1 for c in classes if c not in owner) for classes, _ in nonempty]
+    unrounded: dict[int, Choice] = {}
+    for i, (classes, where) in enumerate(nonempty):
+        if not classes or left[i]:
             continue
         # remove lists run from least to most important: give back the latest one
         c = max(classes, key=lambda c: owner[c].remove.index(c))
         ch = owner.pop(c)
         ch.remove.remove(c)
+        for j in holders[c]:
+            left[j] += 1
         ch.note = _join(ch.note, f"kept {where} from becoming empty")
-        touched[id(ch)] = ch
-    for ch in touched.values():
+        other = next((d for d in _order(ch.group, ch.scores) if d != c and d not in owner and
+                      all(left[j] > 1 for j in holders.get(d, ()))), None) if swap else None
+        if other is None:
+            unrounded[id(ch)] = ch
+            continue
+        ch.remove.append(other)
+        owner[other] = ch
+        for j in holders.get(other, ()):
+            left[j] -= 1
+    for ch in unrounded.values():
         unit = _unit(ch.group, round_to)
         while unit > 1 and ch.remove and (ch.group.size - len(ch.remove)) % unit:
             owner.pop(ch.remove.pop(), None)

@@ -55,8 +55,12 @@ def prune_torch(module, example_inputs, config: PruneConfig | None = None, *, ex
             setattr(gm.config, k, v)
     gm.graft_prune_report = report
     if check:
+        from ir.torch_frontend import eval_mode
+
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        with torch.no_grad():
+        # the reference in eval mode, as captured: a module left in train mode would compare batch
+        # statistics (and update its BatchNormalization running stats as a side effect)
+        with torch.no_grad(), eval_mode(module), eval_mode(gm):
             ref = _flatten(module(*args, **(example_kwargs or {})))
             got = _flatten(gm(*args, *(example_kwargs or {}).values()))
         from compiler.numeric import agreement

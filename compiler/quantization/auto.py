@@ -153,7 +153,7 @@ def auto_quantize(model, calibration=None, *, candidates=DEFAULT_CANDIDATES, bud
             continue
         try:
             check_opset(qmode, base.opset)
-        except QuantizationError as e:
+        except QuantizationError:
             if not kw.get("upgrade_opset"):
                 c.status = f"skipped: needs opset >= {qmode.min_opset} (model has {base.opset})"
                 continue
@@ -195,5 +195,4 @@ def auto_quantize(model, calibration=None, *, candidates=DEFAULT_CANDIDATES, bud
     if best.latency_ms > f.latency_ms:
         out.result.notes.append(f"the chosen format ({best.mode}) is slower than the float model here "
                                 f"({best.latency_ms:.3f} vs {f.latency_ms:.3f} ms)")
-    del prepare
     return out

@@ -301,12 +301,21 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
     else:
         ctx = QuantContext(excluded=excluded, per_channel=True, block_size=block_size,
                            weight=INT4_SYM if qmode.bits == 4 else INT8_SYM, min_weight_elements=min_weight_elements)
+        from rules.quantize_dynamic import embedding_rules
         from rules.quantize_weight_only import weight_only_rules
 
-        run(weight_only_rules(ctx), "weight_only")
+        run([*weight_only_rules(ctx), *embedding_rules(QuantContext(excluded=excluded,
+                                                                    min_weight_elements=min_weight_elements))],
+            "weight_only")
     seconds["rewrite"] = time.perf_counter() - t
     eliminate_dead_code(m)
     _restore_names(m)
+    from ir.verifier import problems
+
+    found = problems(m)
+    if found:
+        raise QuantizationError(f"the quantized model fails ir.verify: {found[0]} (rules fired: "
+                                f"{', '.join(sorted(counts))}); this is a graft bug, please report it")
     from compiler.shapes import infer_shapes
 
     infer_shapes(m)

@@ -6,7 +6,7 @@ dims that ops force equal) and returns each value's dims as ints and symbol name
 """
 from __future__ import annotations
 
-import warnings
+from pathlib import Path
 
 import ir
 
@@ -14,16 +14,15 @@ import ir
 def symbolic_shapes(model: ir.Model) -> dict[str, tuple]:
     """Value name → dims (int or symbol name) from onnxruntime's ``SymbolicShapeInference``.
 
-    Returns an empty dict (with a warning) when the inference fails on this model.
+    Returns an empty dict when the inference fails on this model (the reason goes to
+    ``model.meta["graft.symbolic_shapes_error"]``); Reshape specs then stay computed.
     """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+    SymbolicShapeInference = _symbolic_shape_inference()
     proto = ir.to_onnx(model)
     try:
         out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    except Exception as e:  # the tool raises bare Exceptions on unsupported graphs
-        warnings.warn(f"symbolic shape inference failed ({type(e).__name__}: {e}); Reshape specs stay computed",
-                      stacklevel=2)
+    except Exception as e:  # the tool raises bare Exceptions (even AssertionError) on graphs it cannot handle
+        model.meta["graft.symbolic_shapes_error"] = f"{type(e).__name__}: {e}"
         return {}
     if out is None:
         return {}
@@ -44,6 +43,25 @@ def symbolic_shapes(model: ir.Model) -> dict[str, tuple]:
     return shapes
 
 
+def _symbolic_shape_inference():
+    """onnxruntime's ``SymbolicShapeInference`` class, loaded from its file: importing the
+    ``onnxruntime.tools`` package would import torch (its ``__init__`` does when torch is
+    installed), which an ONNX-only compile must not pay for."""
+    import importlib.util
+    import sys
+
+    name = "_graft_ort_symbolic_shape_infer"
+    mod = sys.modules.get(name)
+    if mod is None:
+        ort_spec = importlib.util.find_spec("onnxruntime")
+        path = Path(ort_spec.origin).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod.SymbolicShapeInference
+
+
 def simplify_shapes(model: ir.Model) -> int:
     """Constant Reshape specs where symbolic shapes prove them, then dead-code removal; returns rewrites."""
     from compiler.rewriter import rewrite
@@ -51,9 +69,7 @@ def simplify_shapes(model: ir.Model) -> int:
     from rules.quantize_prepare import reshape_rules
 
     shapes = symbolic_shapes(model)
-    if not shapes:
-        return 0
-    res = rewrite(model, reshape_rules(shapes))
-    if res.rewrites:
+    n = rewrite(model, reshape_rules(shapes)).rewrites if shapes else 0
+    if n:
         eliminate_dead_code(model)
-    return res.rewrites
+    return n

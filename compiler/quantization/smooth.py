@@ -11,7 +11,9 @@ axis).
 Quantization without Retraining using Outlier Channel Splitting", §3): a channel whose max
 exceeds T = r · median_k max|x_k| (r = ``OUTLIER_RATIO``) is repeated m_k = ceil(max|x_k| / T)
 times, each copy carrying x_k / m_k against an unchanged weight row, so its range drops to T
-while no weight row grows (at most K/8 extra channels, the largest first). This targets what
+while no weight row grows (at most K/8 extra channels, the largest first). Only activations with
+a massive outlier (max channel above ``MASSIVE_RATIO`` × the median channel) are split: each
+split costs three small ops (Gather, Concat, Mul) at run time. This targets what
 breaks per-tensor activation scales in transformers — one or two channels carrying "massive
 activations" (Sun et al. 2024, "Massive Activations in Large Language Models", §2).
 
@@ -28,9 +30,8 @@ import ir
 from compiler.quantization.context import node_key
 
 OUTLIER_RATIO = 2.0
-MASSIVE_RATIO = 4.0
-MAX_EXTRA_CHANNELS = 0.125
-ALIGN = 16  # split at most K/8 extra channels per activation
+MASSIVE_RATIO = 5.0
+MAX_EXTRA_CHANNELS = 0.125  # split at most K/8 extra channels per activation
 
 
 @dataclass
@@ -88,12 +89,6 @@ def _split_counts(amax: np.ndarray) -> np.ndarray:
         if used + m[k] - 1 > budget:
             m[k] = max(1, budget - used + 1)
         used += m[k] - 1
-    # round the channel count up to a multiple of ALIGN (integer GEMM kernels pack K in blocks):
-    # the padding copies go, one at a time, to the channel whose range per copy is the largest
-    while used and (len(a) + used) % ALIGN:
-        k = int(np.argmax(a / m))
-        m[k] += 1
-        used += 1
     return m
 
 

@@ -1,8 +1,6 @@
 """Calibration: data sources and their validation, observers and range methods, the ORT and torch runners."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import pytest

@@ -11,18 +11,16 @@ import onnxruntime as ort
 import pytest
 
 import ir
-from compiler.calibration import CalibrationData, calibrate
 from compiler.quantization import QuantizationError, QuantizationWarning, quantize
 from compiler.quantization.context import QuantContext, dq_params
-from compiler.quantization.params import (INT4_SYM, INT8_SYM, UINT8_ASYM, activation_params, dequantize, quantize as
+from compiler.quantization.params import (INT8_SYM, UINT8_ASYM, activation_params, dequantize, quantize as
                                           np_quantize, weight_params)
 from compiler.rewriter import rewrite
 from compiler.shapes import infer_shapes
 from conftest import with_initializers
 from rules import quantize_propagate
-from rules.quantize_dynamic import dynamic_rules, smoothing_rules
+from rules.quantize_dynamic import smoothing_rules
 from rules.quantize_static import static_rules
-from rules.quantize_weight_only import weight_only_rules
 
 HEADER = '<ir_version: 10, opset_import: ["" : {opset}]>\n'
 
