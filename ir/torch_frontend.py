@@ -424,6 +424,9 @@ def _capture_error(module, e: BaseException, strict: bool, dynamic_shapes) -> To
         what = "data-dependent control flow or shape (a Python branch or size that depends on tensor values)"
         tries = ["replace the branch with torch.where / torch.cond, or move .item()/.tolist() out of forward",
                  "if the value only matters for the example, make it a constructor argument"]
+    elif ".numpy()" in low or "tensor subclass" in low or "data pointer" in low or "data_ptr" in low:
+        what = "code that needs real tensor data (.numpy(), numpy/Python math on tensor values, data pointers)"
+        tries = ["compute it with torch ops inside forward, or move it before/after the compiled module"]
     elif "constraint" in low or "specializ" in low or "dynamic_shapes" in low or "dim" in low and "range" in low:
         detail = [ln.strip(" -") for ln in msg.splitlines()[1:] if ln.strip().startswith("- ")]
         what = "a dynamic dim that the code specializes or constrains" + \

@@ -324,6 +324,12 @@ def diff(op, a, n):
     return y
 
 
+def item(op, a, n):
+    """item(x) / _local_scalar_dense(x): the one element as a 0-d value of the output's type (``.tolist()``,
+    ``float(x)`` in forward)."""
+    return cast(op, op.Reshape(a["self"], ints(op, [])), out_dtype(n))
+
+
 def scalar_tensor(op, a, n):
     """scalar_tensor(s) -> a 0-d constant."""
     return operand(op, a["s"], out_dtype(n))
@@ -377,4 +383,5 @@ RULES = [
     *lowering("scalar_tensor.default", scalar_tensor),
     *lowering(["fill.Scalar", "fill.Tensor"], fill),
     *lowering("diff.default", diff),
+    *lowering(["item.default", "_local_scalar_dense.default"], item),
 ]

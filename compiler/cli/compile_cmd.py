@@ -135,6 +135,11 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         label = model
         check_dims(src, dim_sizes)
     check_output_path(output, None if torch_spec else src)
+    suffix = out.suffix.lower()
+    if (target == "onnx" and suffix in (".pt", ".pth")) or (target == "torch" and suffix == ".onnx"):
+        what = "an ONNX model" if target == "onnx" else "a torch.save'd GraphModule"
+        fix = "add --target torch, or name it .onnx" if target == "onnx" else "drop --target torch, or name it .pt"
+        fail(f"-o {output}: --target {target} writes {what}, not what the name {suffix} says ({fix})")
     try:
         get_pipeline(pipeline)
     except KeyError as e:

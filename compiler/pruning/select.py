@@ -1,11 +1,12 @@
 """Choosing which classes to remove: per-layer or global ratio, round-to-multiple, whole heads.
 
-- ``local`` (per layer): every prunable group keeps ``round(n * (1 - ratio))`` of its
-  ``n`` classes, rounded so that the kept *channel* count is a multiple of ``round_to``
-  for channel/neuron groups (a class of a grouped Conv is a whole conv group of
-  ``block`` channels; heads are counted whole and never rounded), and at least one
-  class (one rounding unit when rounding). The requested ratio therefore holds for
-  every group up to rounding.
+- ``local`` (per layer): every prunable group keeps ``floor(n * (1 - ratio))`` of its
+  ``n`` classes, so at least the requested fraction goes (Torch-Pruning's rule too, so
+  both cut alike at the same ratio), and at least one class. With ``round_to`` the kept
+  *channel* count is rounded to the nearest multiple of ``round_to`` for channel/neuron
+  groups (a class of a grouped Conv is a whole conv group of ``block`` channels; heads
+  are counted whole and never rounded), at least one rounding unit. The requested
+  ratio therefore holds for every group up to rounding.
 - ``global``: scores are divided by their group's mean (so layers of different scale
   compare), and the lowest ``ratio`` of all classes across groups is removed, no
   group losing more than :data:`MAX_GROUP_RATIO` of its classes; kept counts are then
@@ -102,7 +103,7 @@ def _keep_count(group: Group, ratio: float, round_to: int) -> tuple[int, str]:
     target = n * (1.0 - ratio)
     unit = _unit(group, round_to)
     if unit == 1:
-        keep = int(math.floor(target + 0.5))
+        keep = int(math.floor(target + 1e-9))  # 1e-9: 10 * (1 - 0.3) is 7.000000000000001, others fall below
         note = ""
         if keep < 1:
             keep, note = 1, f"ratio {ratio:g} would empty the group: kept 1"
