@@ -424,6 +424,10 @@ def _capture_error(module, e: BaseException, strict: bool, dynamic_shapes) -> To
         what = "data-dependent control flow or shape (a Python branch or size that depends on tensor values)"
         tries = ["replace the branch with torch.where / torch.cond, or move .item()/.tolist() out of forward",
                  "if the value only matters for the example, make it a constructor argument"]
+    elif "uninitialized parameter" in low or "lazymodule" in low:
+        what = "a lazy module (nn.LazyLinear, nn.LazyConv2d...) whose parameters do not exist yet"
+        tries = ["run the model once on an example input before capturing it (lazy modules create their "
+                 "parameters on the first call)"]
     elif ".numpy()" in low or "tensor subclass" in low or "data pointer" in low or "data_ptr" in low:
         what = "code that needs real tensor data (.numpy(), numpy/Python math on tensor values, data pointers)"
         tries = ["compute it with torch ops inside forward, or move it before/after the compiled module"]

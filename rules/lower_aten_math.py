@@ -18,7 +18,7 @@ constant of that dtype — what torch does with a "wrapped number" (PyTorch docs
 - ``mean``/``sum``/``amax``/``amin``/``prod``/``logsumexp`` over ``dim`` (all axes when absent):
   Reduce* with ``keepdims``; ``max.dim``/``min.dim``: ReduceMax/Min, and ArgMax/ArgMin for the indices;
   ``argmax``/``argmin``: ArgMax/ArgMin (over the flattened tensor when ``dim`` is None).
-- ``fill(x, v)``: v broadcast to x's shape; ``diff(x, n, d, prepend, append)``: Concat, then n times
+- ``fill(x, v)`` / ``copy(x, src)``: v / src broadcast to x's shape (in x's dtype); ``diff(x, n, d, prepend, append)``: Concat, then n times
   Slice(1:) - Slice(:-1) (Xor for bool).
 - ``arange``/``full``/``zeros``/``ones``/``*_like``/``new_*``/``scalar_tensor``: a constant when every
   size is known at capture time, else Range / ConstantOfShape.
@@ -306,6 +306,15 @@ def fill(op, a, n):
     return op.Expand(operand(op, v, dt), shape)
 
 
+def copy(op, a, n):
+    """copy(x, src) (``x[...] = src``, functionalized): src cast to x's dtype and broadcast to x's shape."""
+    x, src = a["self"], a["src"]
+    dt = out_dtype(n)
+    shape = ints(op, list(x.shape)) if x.shape is not None and all(isinstance(d, int) for d in x.shape) \
+        else op.Shape(x)
+    return op.Expand(operand(op, src, dt), shape)
+
+
 def diff(op, a, n):
     """diff(x, n, dim, prepend, append): Concat(prepend, x, append), then n times x[1:] - x[:-1]
     along dim (Xor for bool, as torch)."""
@@ -382,6 +391,7 @@ RULES = [
     *lowering(["zeros_like.default", "ones_like.default", "full_like.default", "empty_like.default"], full_like),
     *lowering("scalar_tensor.default", scalar_tensor),
     *lowering(["fill.Scalar", "fill.Tensor"], fill),
+    *lowering("copy.default", copy),
     *lowering("diff.default", diff),
     *lowering(["item.default", "_local_scalar_dense.default"], item),
 ]

@@ -30,6 +30,9 @@ def _prune_config(ratio, criterion, round_to, zero_only, scope, calibration):
         return None
     from compiler.pruning import PruneConfig, PruneError, SelectionError
 
+    if zero_only and ratio:
+        fail(f"--prune {ratio} --prune-zero-only: --prune-zero-only removes only exactly removable channels and "
+             f"takes no ratio; give one of the two")
     if criterion == "taylor" and not calibration and not zero_only:
         fail("--prune-criterion taylor needs calibration inputs: --prune-calibration FILE.npz or a directory of .npy")
     config = PruneConfig(ratio=0.0 if ratio is None else ratio, criterion=criterion, scope=scope, round_to=round_to,

@@ -41,11 +41,12 @@ class PruneConfig:
     """What to prune and how.
 
     Attributes:
-        ratio: fraction of channels/heads/neurons to remove per group (``local``) or overall
-            (``global``), in [0, 1).
+        ratio: fraction of channels/heads/neurons to remove per group (``local``: at least this
+            fraction, ``floor(n * (1 - ratio))`` kept) or overall (``global``), a number in [0, 1).
         criterion: ``l1``, ``l2``, ``bn_scale`` or ``taylor``.
         scope: ``local`` (per layer) or ``global``.
-        round_to: kept channel counts are multiples of this (heads are never rounded).
+        round_to: kept channel counts are multiples of this, a positive int (heads are never rounded; the
+            input channels of a grouped Conv go by whole conv groups).
         zero_only: remove only channels whose removal is exact (all-zero / constant channels).
         kinds: group kinds to prune (``channels``, ``neurons``, ``heads``, ``hidden``); default all.
         exclude: group names (first source node) to leave whole.
@@ -201,7 +202,8 @@ def _why_no_constant_weights(model: Model) -> str:
         where = f"{n.op_type} node {n.name!r}" if n.name else f"the {n.op_type} writing {n.outputs[0].name!r}"
         if w.graph is not None and w in w.graph.inputs:  # an input, with or without an initializer
             return (f" ({where} reads its weight from graph input {w.name!r}, which can be overridden at run time; "
-                    f"remove the initializers from the graph inputs (ONNX IR version 4 and later does not need them there))")
+                    f"remove the initializers from the graph inputs (ONNX IR version 4 and later does not need "
+                    f"them there))")
         p = w.producer
         if p is not None and p.op_type in ("DequantizeLinear", "QuantizeLinear"):
             return f" ({where} reads a quantized weight through {p.op_type}: prune the float model, then quantize)"

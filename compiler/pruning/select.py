@@ -15,8 +15,10 @@
 Within a group, exactly-removable classes (zero or constant channels, whose removal
 leaves the outputs unchanged) go first, then the lowest scores. With ``zero_only``
 only exactly-removable classes are removed. Blocked classes are never removed; a
-group never becomes empty, and neither does a sub-range of it that a Split or Slice
-takes (:attr:`Analysis.nonempty`): the most important class of such a range is kept.
+group never becomes empty, and neither does any tensor carrying part of it (a Split
+output, a Slice result, a conv feeding part of a Concat; :attr:`Analysis.nonempty`): its
+most important class is kept and, where possible, the group's next weakest class goes
+instead, so the count still holds.
 """
 from __future__ import annotations
 

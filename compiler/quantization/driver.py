@@ -142,7 +142,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
              simplify_shapes: bool = True, calib_backend: str = "onnxruntime",
              upgrade_opset: bool = False, eval_data=None, report: bool = True, progress: bool = True,
              threads: int = 0, accuracy_target: float | None = None, max_float_layers: int = 8,
-             accuracy_metric=None) -> QuantizeResult:
+             accuracy_metric=None, ort_cpu_forms: bool = True) -> QuantizeResult:
     """Quantize ``model`` to int8 (or int4 weight-only).
 
     Args:
@@ -173,6 +173,9 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
             (:mod:`compiler.quantization.fallback`).
         accuracy_metric: ``(float outputs, quantized outputs, feed) -> score`` per sample for
             ``accuracy_target`` (default: the minimum output cosine).
+        ort_cpu_forms: dynamic only — rewrite to the exact forms measured faster in onnxruntime
+            CPU (:mod:`rules.quantize_ort`: residual Add before LayerNormalization as Sum, which
+            keeps onnxruntime from fusing the slower SkipLayerNormalization).
 
     Returns:
         :class:`QuantizeResult`.
@@ -224,7 +227,7 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
     excluded = resolve_exclusions(m, exclude)
     kw = dict(calib_method=calib_method, percentile=percentile, activation=activation, op_types=op_types,
               block_size=block_size, min_weight_elements=min_weight_elements, smooth=smooth, progress=progress,
-              threads=threads, calib_backend=calib_backend)
+              threads=threads, calib_backend=calib_backend, ort_cpu_forms=ort_cpu_forms)
     res = _run_mode(m, float_model, qmode, calibration, excluded, notes, **kw)
     if accuracy_target is not None and res.layers:
         from compiler.quantization.fallback import fall_back_to_float
@@ -252,7 +255,7 @@ def _attach_report(res: QuantizeResult, eval_data, calibration, threads: int) ->
 
 def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excluded: set[str], notes: list[str], *,
               calib_method, percentile, activation, op_types, block_size, min_weight_elements, smooth, progress,
-              threads, calib_backend) -> QuantizeResult:
+              threads, calib_backend, ort_cpu_forms=True) -> QuantizeResult:
     from compiler.rewriter import Rewriter
     from compiler.rule import RuleSet
     from rules.dead_code import eliminate_dead_code
@@ -298,6 +301,13 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
         from rules.quantize_dynamic import dynamic_rules
 
         run(dynamic_rules(ctx), "dynamic")
+        if ort_cpu_forms:
+            from rules import quantize_ort
+
+            # not through run(): these rewrites touch no layer, so they stay out of the report's layer list
+            r = Rewriter(RuleSet(quantize_ort.RULES, name="ort_cpu_forms")).run(m)
+            for k, v in r.counts.items():
+                counts[k] = counts.get(k, 0) + v
     else:
         ctx = QuantContext(excluded=excluded, per_channel=True, block_size=block_size,
                            weight=INT4_SYM if qmode.bits == 4 else INT8_SYM, min_weight_elements=min_weight_elements)

@@ -92,6 +92,15 @@ def _split_counts(amax: np.ndarray) -> np.ndarray:
     return m
 
 
+def _outlier_factors(amax: np.ndarray) -> np.ndarray:
+    """SmoothQuant restricted to the outlier channels: s_k = max|x_k| / T above T = r · median, else 1."""
+    a = np.maximum(amax.astype(np.float64), 1e-12)
+    med = float(np.median(a))
+    if a.max() < MASSIVE_RATIO * med:
+        return np.ones(len(a))
+    return np.maximum(a / (OUTLIER_RATIO * med), 1.0)
+
+
 def _factors(amax: np.ndarray, wmax: np.ndarray, alpha) -> np.ndarray:
     a = np.maximum(amax.astype(np.float64), 1e-5)
     w = np.maximum(wmax.astype(np.float64), 1e-5)
@@ -118,7 +127,7 @@ def smoothing_factors(model: ir.Model, calibration, alpha, excluded: set[str], *
     from compiler.calibration import Request, calibrate
     from compiler.quantization.params import QuantizationError
 
-    if alpha != "split" and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+    if alpha not in ("split", "outliers") and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
         raise QuantizationError(f"smooth must be a migration strength in [0, 1] or 'split', got {alpha!r}")
     groups = matmul_groups(model, excluded)
     table = calibrate(model, calibration, {x: Request(channel_axis=-1) for x in groups}, progress=progress,
@@ -136,6 +145,11 @@ def smoothing_factors(model: ir.Model, calibration, alpha, excluded: set[str], *
             counts = _split_counts(amax)
             if np.any(counts > 1):
                 out[x] = Migration.split(counts)
+            continue
+        if alpha == "outliers":
+            s = _outlier_factors(amax)
+            if np.any(s > 1.0):
+                out[x] = Migration.smooth(s)
             continue
         s = _factors(amax, wmax, alpha)
         if np.any(s > 1.0):

@@ -304,7 +304,10 @@ def test_transformer_config_updates_say_when_the_config_cannot_rebuild_the_model
 
 
 # --------------------------------------------------------------------------- the Torch-Pruning bench
-def test_bench_counts_both_tools_alike_and_graft_cuts_at_least_as_much(tmp_path):
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_bench_counts_both_tools_alike_and_graft_cuts_at_least_as_much(tmp_path, ratio):
+    # at 0.3, 16 / 32 / 64 channels keep 11 / 22 / 44 (at least the ratio goes): rounding the kept count to
+    # the nearest (11 / 22 / 45) cut fewer MACs than Torch-Pruning
     spec = importlib.util.spec_from_file_location("bench_prune", Path(__file__).resolve().parents[2] / "bench" /
                                                   "bench_prune.py")
     bench = importlib.util.module_from_spec(spec)
@@ -313,11 +316,11 @@ def test_bench_counts_both_tools_alike_and_graft_cuts_at_least_as_much(tmp_path)
     from examples.torch_models import resnet_style
 
     module, args = resnet_style(batch=1, image=32)
-    onnx_row, torch_row = bench.run_graft("resnet", module, args, None, 0.5, tmp_path)
-    tp_row = bench.run_torch_pruning("resnet", module, args, None, 0.5, tmp_path)
+    onnx_row, torch_row = bench.run_graft("resnet", module, args, None, ratio, tmp_path)
+    tp_row = bench.run_torch_pruning("resnet", module, args, None, ratio, tmp_path)
     for row in (onnx_row, torch_row, tp_row):
         assert row.runs and not row.error and np.isfinite(row.max_abs), row
-        assert row.group_ratios == (0.5, 0.5)
+        assert ratio <= row.group_ratios[0] <= row.group_ratios[1] < ratio + 0.1
     assert onnx_row.macs[0] == torch_row.macs[0] == tp_row.macs[0]  # one counter, one source model
     assert onnx_row.macs[1] == torch_row.macs[1] <= tp_row.macs[1]
     assert torch_row.tool_macs[1] == torch_row.macs[1]  # graft's report agrees with the export's count

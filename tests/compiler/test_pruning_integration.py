@@ -34,7 +34,8 @@ def cls_pruned(tmp_path_factory):
 def test_cli_prune_writes_smaller_valid_model_and_reports(cls_pruned):
     out, r = cls_pruned
     assert r.exit_code == 0, r.output
-    for piece in ("pruning", "MACs", "kept/size", "requested", "output deviation", "prune_conv", f"wrote {out}"):
+    for piece in ("pruning", "MACs", "kept/size", "requested", "params / MACs per layer", "output deviation",
+                  "prune_conv", f"wrote {out}"):
         assert piece in r.stdout, piece
     assert "verification FAILED" not in r.stdout
     m = onnx.load(str(out))
@@ -63,6 +64,7 @@ def test_cli_diff_shows_params_and_macs_per_layer(cls_pruned):
     (("--prune", "-0.2"), "ratio must be in [0, 1)"),
     (("--prune", "0.5", "--prune-criterion", "taylor"), "needs calibration inputs"),
     (("--prune", "0.5", "--prune-criterion", "magic"), "Invalid value for '--prune-criterion'"),
+    (("--prune", "0.5", "--prune-zero-only"), "--prune-zero-only removes only exactly removable channels"),
 ])
 def test_cli_bad_prune_requests_fail_clearly(tmp_path, args, message):
     r = invoke("compile", "ppocr-cls", "-o", tmp_path / "x.onnx", *args)

@@ -309,3 +309,74 @@ def test_graft_diff_reads_like_the_torch_model(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert "fold_batchnorm_into_conv" in r.output
     assert "conv2d/Conv" in r.output or "batch_norm/BatchNormalization" in r.output
+
+
+# ----------------------------------------------------------------------------- found by trying to break it
+def test_emitted_transformer_keeps_linear_weights_under_their_source_names():
+    module, _, res = compiled("bert", "torch")
+    params = dict(res.module.named_parameters())
+    src = dict(module.named_parameters())
+    linear = [k for k, v in src.items() if k.endswith(".weight") and v.dim() == 2 and "embeddings" not in k]
+    assert len(linear) == 2 * 6 + 1  # q, k, v, attention out, intermediate, output per layer; pooler
+    inits = res.model.graph.initializers
+    for k in linear:  # same name and [out, in] layout (the cached module may have taken an optimizer step)
+        assert k in params and params[k].shape == src[k].shape, k
+        cos = torch.nn.functional.cosine_similarity(params[k].detach().flatten(), src[k].detach().flatten(), dim=0)
+        assert cos > 0.99, (k, float(cos))
+        if k != "pooler.dense.weight":  # the pooler's Linear is on 2-D input: Gemm(transB=1) reads W itself
+            np.testing.assert_array_equal(inits[f"{k}_T"].const.array, src[k].detach().numpy().T)
+    assert not any(k.endswith("_T") or k.startswith("Transpose") for k in params)
+
+
+def test_train_mode_module_is_captured_and_verified_in_eval_mode():
+    from examples.torch_models import ResNetStyle
+
+    torch.manual_seed(0)
+    m = ResNetStyle(width=8, blocks=(1, 1))  # a fresh module is in training mode
+    m.layers[0].eval()  # one submodule in its own mode
+    res = compile(m, (torch.randn(2, 3, 16, 16),), target="torch")
+    assert res.verification.status == "passed"
+    assert any("training mode" in n and "eval mode" in n for n in res.notes)
+    assert m.training and m.stem.training and not m.layers[0].training and not m.layers[0].conv1[1].training
+
+
+def gpt2_lm():
+    torch.manual_seed(4)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = transformers.GPT2LMHeadModel(cfg)
+
+        def forward(self, input_ids):
+            return self.gpt(input_ids=input_ids, use_cache=False).logits
+
+    return LM().eval()
+
+
+def test_gpt2_lm_with_tied_head_compiles_to_onnx_with_dynamic_sizes_and_to_torch():
+    """GPT-2's causal mask code uses aten.diff; its LM head shares the token embedding."""
+    m = gpt2_lm()
+    ids = _ids((2, 7), 100)
+    dims = {"input_ids": {0: torch.export.Dim("batch", max=8), 1: torch.export.Dim("seq", max=64)}}
+    res = compile(m, (ids,), target="onnx", dynamic_shapes=dims)
+    assert res.verification.status == "passed" and res.counts["lower_aten_diff"] == 1
+    ids2 = _ids((3, 11), 100, seed=1)
+    got = list(numeric.run(res.proto, {"input_ids": ids2.numpy()}).values())[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m(ids2).numpy(), rtol=0, atol=1e-4)
+    gm = compile(m, (ids,), target="torch").module
+    params = dict(gm.named_parameters())
+    tied = [k for k in params if k in ("gpt.lm_head.weight", "gpt.transformer.wte.weight")]
+    assert len(tied) == 1 and not any(k.endswith("_T") for k in params)
+
+
+def test_cli_refuses_an_output_name_that_contradicts_the_target(cli, tmp_path):
+    spec = ["--torch", "examples.torch_models:resnet_style", "--input-shape", "1x3x16x16"]
+    r = cli("compile", *spec, "-o", str(tmp_path / "m.pt"))
+    assert r.exit_code == 1 and "--target onnx writes an ONNX model" in r.output and "add --target torch" in r.output
+    r = cli("compile", *spec, "--target", "torch", "-o", str(tmp_path / "m.onnx"))
+    assert r.exit_code == 1 and "--target torch writes a torch.save'd GraphModule" in r.output
+    assert list(tmp_path.iterdir()) == []

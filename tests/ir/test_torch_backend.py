@@ -300,3 +300,57 @@ def test_every_onnx_op_the_lowering_emits_has_a_torch_implementation():
     assert {"Conv", "Gemm", "LayerNormalization", "Resize", "GatherND", "ConstantOfShape", "Mod"} <= emitted
     missing = sorted(op for op in emitted if lookup(op, 18) is None)
     assert missing == []
+
+
+# ----------------------------------------------------------------------------- found by trying to break it
+class TiedLM(torch.nn.Module):
+    """An embedding shared with the LM head (as GPT-2 and BERT's MLM head do), the head on 3-D hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.proj(self.emb(ids))))
+
+
+def test_lowered_linear_keeps_source_names_and_tied_weights():
+    """Linear on 3-D input lowers to MatMul(x, W^T): ONNX gets W^T, the torch module permutes the one W back."""
+    from rules.lower_aten_pipeline import lower
+
+    torch.manual_seed(0)
+    m = TiedLM().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    model = ir.from_torch(m, (ids,))
+    lower(model)
+    assert not any(n.op_type == "Transpose" for n in model.graph)
+    proto = ir.to_onnx(model)
+    assert {"head.weight_T", "proj.weight_T"} <= {t.name for t in proto.graph.initializer}
+    gm = ir.to_torch(model)
+    assert set(dict(gm.named_parameters())) == {"head.weight", "proj.weight", "proj.bias"}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), m(ids), rtol=0, atol=1e-6)
+        assert torch.equal(gm.proj.weight, m.proj.weight)  # source layout [out, in], not W^T
+    gm.train()
+    assert step_changes_parameters(gm, (ids,)) == 3
+    # gradients from the Gather (embedding) and the MatMul (head) land on the same parameter
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    out = m(ids)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    opt.step()
+    torch.testing.assert_close(gm.head.weight, m.head.weight, rtol=0, atol=1e-6)
+
+
+def test_aten_op_with_a_required_optional_argument_runs():
+    """embedding_bag.padding_idx's `int? padding_idx` has no default: a None there must be passed, not dropped."""
+    torch.manual_seed(0)
+    bag = torch.nn.EmbeddingBag(10, 3, mode="mean").eval()
+    idx = torch.tensor([[1, 2, 4], [3, 4, 9]])
+    model = ir.from_torch(bag, (idx,))
+    assert any(n.op_type.startswith("embedding_bag") for n in model.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(ir.to_torch(model)(idx), bag(idx), rtol=0, atol=0)

@@ -209,3 +209,75 @@ def test_control_flow_and_buffer_updates_are_refused_with_the_node():
 
     with pytest.raises(TorchImportError, match="updates buffer 'calls' in place"):
         ir.from_torch(Counter(), (torch.randn(3),))
+
+
+# ----------------------------------------------------------------------------- found by trying to break it
+def test_capture_restores_each_submodules_own_training_flag():
+    """An eval-mode model wrapped in a train-mode module stays in eval mode (module.train(flag) would flip it)."""
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    outer = nn.Sequential(inner, nn.ReLU()).train()
+    inner.eval()
+    ir.from_torch(outer, (torch.randn(2, 4),))
+    assert outer.training and outer[1].training
+    assert not inner.training and not inner[1].training
+
+
+def test_wrong_dtype_that_fake_tensors_accept_names_the_input_and_layer():
+    """torch.export captures a float Linear fed int64 (the fake kernels skip the dtype check); eager does not."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    with pytest.raises(ExampleInputError) as e:
+        ir.from_torch(Head(), (torch.ones(2, 5, dtype=torch.int64),))
+    msg = str(e.value)
+    assert "module 'fc' (Linear) rejects example input 'x' (2x5 int64)" in msg and "[..., 5] (float)" in msg
+
+
+def test_dynamic_shapes_mistakes_name_the_input_and_dim():
+    lin = nn.Linear(5, 3)
+    Dim = torch.export.Dim
+    with pytest.raises(ExampleInputError, match=r"dynamic_shapes names 'z', which is not an input of Linear.forward "
+                                                r"\(given inputs: input\)"):
+        ir.from_torch(lin, (torch.randn(2, 5),), dynamic_shapes={"z": {0: Dim("b")}})
+    with pytest.raises(ExampleInputError, match=r"example input 'input' has size 2 at dim 0, outside the range "
+                                                r"\[4, inf\] of Dim 'b'"):
+        ir.from_torch(lin, (torch.randn(2, 5),), dynamic_shapes=({0: Dim("b", min=4)},))
+    with pytest.raises(ExampleInputError, match=r"size 1 at dim 0, marked dynamic as Dim 'b'.*0/1 specialization"):
+        ir.from_torch(lin, (torch.randn(1, 5),), dynamic_shapes=({0: Dim("b")},))
+
+
+def test_numpy_in_forward_says_it_needs_real_data():
+    class Np(nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(x.numpy() * 2)
+
+    with pytest.raises(TorchCaptureError, match=r"(?s)needs real tensor data.*x\.numpy\(\) \* 2.*torch ops"):
+        ir.from_torch(Np(), (torch.randn(3),))
+
+
+def test_uninitialized_lazy_module_says_to_run_it_once():
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.ReLU())
+    with pytest.raises(TorchCaptureError, match=r"(?s)a lazy module .*run the model once on an example input"):
+        ir.from_torch(lazy, (torch.randn(2, 5),))
+    lazy(torch.randn(2, 5))
+    assert ir.from_torch(lazy, (torch.randn(2, 5),)).graph.initializers["0.weight"].shape == (4, 5)
+
+
+def test_op_with_two_tensor_lists_round_trips_through_the_backend():
+    """lstm.input takes two Tensor[] arguments (hx, params): the node records both lengths."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True, bidirectional=True).eval()
+    x = torch.randn(2, 5, 4)
+    model = ir.from_torch(lstm, (x,))
+    node = next(n for n in model.graph if n.op_type == "lstm.input")
+    a = aten_args(node)
+    assert len(a["hx"]) == 2 and len(a["params"]) == 16 and a["bidirectional"] is True
+    gm = ir.to_torch(model)
+    with torch.no_grad():
+        for got, ref in zip(gm(x), lstm(x)[:1] + lstm(x)[1]):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)

@@ -3,6 +3,7 @@ checked with onnx.checker, run in onnxruntime and compared with eager torch; plu
 backend on the lowered graph, dynamic shapes, refusals and provenance."""
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 
@@ -336,3 +337,90 @@ def test_gelu_erf_form_has_exporter_structure():
     assert [n.op_type for n in model.graph] == ["Div", "Erf", "Add", "Mul", "Mul"]
     divisor = model.graph.nodes[0].inputs[1].constant()
     assert math.isclose(float(divisor), math.sqrt(2), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- found by trying to break it
+def test_unbatched_conv_pool_and_pixel_shuffle_run_as_a_batch_of_one():
+    """torch layers take [C, *spatial] inputs; ONNX Conv/pool/DepthToSpace need a batch dim."""
+    conv, convt, conv1 = nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(3, 2, 3, stride=2), nn.Conv1d(3, 4, 3)
+    mod = Fn(lambda m, x: (m.conv(x), m.convt(x), m.conv1(x[:, 0]), F.max_pool2d(x, 2), F.avg_pool2d(x, 3, 1, 1),
+                           F.adaptive_avg_pool2d(x, 2), F.max_pool1d(x[0], 2),
+                           F.pixel_shuffle(x[:, :4, :4].repeat(4, 1, 1), 2)))
+    mod.conv, mod.convt, mod.conv1 = conv, convt, conv1
+    _, proto = assert_lowers(mod, [r(3, 8, 8)], expect=["Conv", "ConvTranspose", "MaxPool", "AveragePool",
+                                                        "DepthToSpace", "Squeeze"])
+
+
+def test_adaptive_pooling_uneven_windows_and_max():
+    fn = lambda m, x: (F.adaptive_avg_pool2d(x, 3), F.adaptive_avg_pool2d(x, (5, 7)), F.adaptive_avg_pool1d(x[0], 3),
+                       F.adaptive_max_pool2d(x, 1), F.adaptive_max_pool2d(x, 2), F.adaptive_max_pool2d(x, (3, 9)))
+    _, proto = assert_lowers(Fn(fn), [r(2, 3, 8, 9)], expect=["GlobalMaxPool", "ReduceMean", "ReduceMax"])
+    assert_lowers(Fn(lambda m, x: F.adaptive_max_pool2d(x, (2, 4))), [r(1, 2, 8, 8)], expect=["MaxPool"])
+
+
+def test_indices_of_max_tensor_clamp_bounds_and_item():
+    fn = lambda m, x, lo: (*x.max(1), *x.min(0, keepdim=True), x.clamp(min=lo), x.clamp(lo, lo + 0.5),
+                           x * sum(v for v in x[0, :2].tolist()))
+    assert_lowers(Fn(fn), [r(3, 4), r(4, seed=1)], expect=["ArgMax", "ArgMin", "Max", "Min"])
+
+
+def _writes(x, y):
+    x = x.clone()
+    x[:, 0] = 0.0                 # select_scatter + fill
+    x[:, 1:4] = y                 # slice_scatter
+    x[..., ::2] = 1.5             # strided slice_scatter on the last dim
+    return x, torch.diff(x, dim=1, prepend=x[:, :1]), x.flip(-1, 0), x.unflatten(1, (3, 2)), y.expand_as(x[:, 1:4])
+
+
+def test_in_place_writes_diff_flip_unflatten_lower():
+    _, proto = assert_lowers(Fn(lambda m, x, y: _writes(x, y)), [r(2, 6), r(2, 3, seed=1)],
+                             expect=["Where", "Gather", "Sub", "Slice"])
+    assert_lowers(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), [r(2, 5, 16)])  # MHA uses unflatten
+
+
+def test_statistics_norms_einsum_topk_prelu_instance_norm():
+    fn = lambda m, x: (x.var(-1), x.std((0, 2), keepdim=True), torch.var(x, 1, correction=0), x.norm(dim=-1),
+                       torch.linalg.vector_norm(x, 1, dim=1), torch.linalg.vector_norm(x, float("inf")),
+                       torch.linalg.vector_norm(x, 3.0, dim=-1), F.normalize(x, dim=-1),
+                       torch.einsum("bij,bkj->bik", x, x), *x.topk(2, dim=-1), m.prelu(x), m.inorm(x))
+    mod = Fn(fn)
+    mod.prelu, mod.inorm = nn.PReLU(3), nn.InstanceNorm1d(3, affine=True)
+    assert_lowers(mod, [r(2, 3, 5)], expect=["ReduceL2", "ReduceL1", "Einsum", "TopK", "PRelu",
+                                             "InstanceNormalization"])
+
+
+class DynOps(nn.Module):
+    """Ops whose lowering needs run-time sizes: causal attention with seq unknown, splits along it,
+    unflatten, upsampling by a scale factor."""
+
+    def forward(self, x, img):
+        b, s, c = x.shape
+        q = x.unflatten(-1, (2, -1)).transpose(1, 2)                         # [b, 2, s, c/2]
+        attn = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        halves = x.chunk(2, dim=1)
+        parts = x.split(s // 2, dim=1)  # a run-time split size; the piece count (2) is fixed
+        return (attn.transpose(1, 2).flatten(2), halves[0] * 2, parts[-1].sum(1), parts[0],
+                F.interpolate(img, scale_factor=2), F.interpolate(img, scale_factor=2, mode="bilinear"))
+
+
+def test_dynamic_causal_attention_splits_and_upsampling_run_at_other_sizes():
+    Dim = torch.export.Dim
+    b, s, h = Dim("batch", max=16), Dim("half", min=2, max=32), Dim("h", min=2, max=32)
+    mod = DynOps().eval()
+    model = lowered(mod, (r(2, 8, 4), r(2, 3, 4, 5)), dynamic_shapes=({0: b, 1: 2 * s}, {0: b, 2: h, 3: h + 1}))
+    check_lowered(model)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    assert ops["Range"] == 2 and ops["Resize"] == 2 and ops["Split"] == 2  # causal mask, scales, run-time sizes
+    proto = ir.to_onnx(model)
+    onnx.checker.check_model(proto, full_check=True)
+    gm = ir.to_torch(model)
+    for shapes in [((2, 8, 4), (2, 3, 4, 5)), ((3, 14, 4), (3, 3, 6, 7)), ((1, 4, 4), (1, 3, 2, 3))]:
+        xs = [r(*sh, seed=7) for sh in shapes]
+        ref = _eager(mod, xs)
+        got = list(numeric.run(proto, {"x": xs[0].numpy(), "img": xs[1].numpy()}).values())
+        with torch.no_grad():
+            back = gm(*xs)
+        for a, o, t in zip(ref, got, back):
+            assert o.shape == a.shape, (shapes, o.shape, a.shape)
+            np.testing.assert_allclose(o, a, atol=1e-5)
+            np.testing.assert_allclose(t.numpy(), a, atol=1e-5)
