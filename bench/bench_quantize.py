@@ -6,7 +6,13 @@ For each model, the same float model and the same calibration data go to every q
   (QDQ, per tensor and per channel, MinMax, uint8 activations, int8 weights) from
   ``onnxruntime.quantization``;
 - graft: ``compiler.quantization.quantize`` in its formats (static per channel / per tensor,
-  dynamic, dynamic with outlier channel splitting) and ``auto``.
+  dynamic, dynamic with outlier channel splitting) and ``auto``. On MiniLM also graft dynamic
+  with ``ort_cpu_forms=False`` (residual Adds left as Add, so onnxruntime fuses them into its
+  SkipLayerNormalization kernel, ~5x slower than Add + LayerNormalization here): the row shows
+  what :mod:`rules.quantize_ort` is worth.
+
+Every graft decision (which activations get their outlier channels split, the split threshold)
+is made from the calibration sentences only; the held-out sentences are used only here, to measure.
 
 Measured, per model and quantizer:
 - latency: onnxruntime CPU, 1 intra-op thread, all graph optimizations, batch 1; the median over
@@ -144,6 +150,7 @@ def bench_minilm(rounds: int) -> str:
         paths = {"float": src}
         paths.update(ort_quantizers(src, calib, d))
         paths.update(graft_quantizers(src, calib, d, {
+            "dynamic, SkipLayerNorm left to ORT": {"mode": "dynamic", "ort_cpu_forms": False},
             "dynamic": {"mode": "dynamic"},
             "dynamic + split outliers": {"mode": "dynamic", "smooth": "split"},
             "static per-channel": {"mode": "static"},

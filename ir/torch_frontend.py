@@ -204,10 +204,9 @@ def _check_dynamic_shapes(module, args, kwargs, dynamic_shapes) -> None:
         odd = [k for k in dynamic_shapes if k not in bound]
         if odd:
             raise ExampleInputError(
-                f"dynamic_shapes names {', '.join(repr(k) for k in odd)}, which "
-                f"{'is not an input' if len(odd) == 1 else 'are not inputs'} of {type(module).__name__}.forward "
-                f"(given inputs: {', '.join(names) or 'none'}); key dynamic_shapes by those names, or give a "
-                f"tuple with one entry per positional input")
+                f"dynamic_shapes names {', '.join(repr(k) for k in odd)}, not among the example inputs given to "
+                f"{type(module).__name__}.forward ({', '.join(names) or 'none'}); key dynamic_shapes by those "
+                f"names, or give a tuple with one entry per positional input")
         specs = dict(dynamic_shapes)
     elif isinstance(dynamic_shapes, (list, tuple)):
         specs = dict(zip(names, dynamic_shapes))

@@ -360,7 +360,11 @@ class _Importer:
                     f"training-mode BatchNorm does this, so capture in eval mode)")
             v = self.env.get(a) if a is not None else None
             if not isinstance(v, Value):
-                raise TorchImportError(f"output {i} of the model is {a!r}, not a tensor computed by the graph")
+                name = out_names[i] if i < len(out_names) else f"output_{i}"
+                raise TorchImportError(
+                    f"output {i} ({name}) of the model is {a!r}, not a tensor: graft models return tensors only; "
+                    f"wrap the model in a module whose forward returns just its tensor outputs (e.g. drop the "
+                    f"None of nn.MultiheadAttention(need_weights=False))")
             values.append(v)
         seen: set[Value] = set()
         final = []

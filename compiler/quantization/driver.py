@@ -159,7 +159,8 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
         block_size: weight-only block length along K.
         min_weight_elements: weights with fewer elements stay float (dynamic / weight-only).
         smooth: dynamic only — SmoothQuant migration strength α in [0, 1], ``"split"`` to split
-            outlier channels (see :mod:`compiler.quantization.smooth`), or None for none.
+            outlier channels, ``"outliers"`` for SmoothQuant on the outlier channels only (see
+            :mod:`compiler.quantization.smooth`), or None for none.
         prepare_pipeline: float pipeline run first (None: only shape inference).
         simplify_shapes: make Reshape specs constant where symbolic shapes prove them (float-exact).
         calib_backend: run calibration in ``"onnxruntime"`` or ``"torch"`` (for models captured from torch).

@@ -241,8 +241,8 @@ def test_wrong_dtype_that_fake_tensors_accept_names_the_input_and_layer():
 def test_dynamic_shapes_mistakes_name_the_input_and_dim():
     lin = nn.Linear(5, 3)
     Dim = torch.export.Dim
-    with pytest.raises(ExampleInputError, match=r"dynamic_shapes names 'z', which is not an input of Linear.forward "
-                                                r"\(given inputs: input\)"):
+    with pytest.raises(ExampleInputError, match=r"dynamic_shapes names 'z', not among the example inputs given to "
+                                                r"Linear.forward \(input\)"):
         ir.from_torch(lin, (torch.randn(2, 5),), dynamic_shapes={"z": {0: Dim("b")}})
     with pytest.raises(ExampleInputError, match=r"example input 'input' has size 2 at dim 0, outside the range "
                                                 r"\[4, inf\] of Dim 'b'"):
@@ -258,6 +258,15 @@ def test_numpy_in_forward_says_it_needs_real_data():
 
     with pytest.raises(TorchCaptureError, match=r"(?s)needs real tensor data.*x\.numpy\(\) \* 2.*torch ops"):
         ir.from_torch(Np(), (torch.randn(3),))
+
+
+def test_a_none_output_is_refused_with_what_to_do():
+    class WithNone(nn.Module):
+        def forward(self, x):
+            return x * 2, None  # as nn.MultiheadAttention(need_weights=False) returns
+
+    with pytest.raises(TorchImportError, match=r"output 1 \(output_1\) of the model is None.*returns just its tensor"):
+        ir.from_torch(WithNone(), (torch.randn(3),))
 
 
 def test_uninitialized_lazy_module_says_to_run_it_once():

@@ -394,6 +394,60 @@ def test_channel_splitting_reduces_dynamic_error_with_an_outlier_channel():
     assert err(split) < 0.5 * err(plain)
 
 
+def test_split_budget_caps_extra_channels_and_splits_the_largest():
+    from compiler.quantization import smooth
+
+    amax = np.ones(64)
+    amax[[3, 9]] = [40.0, 12.0]                                 # two outliers, median 1
+    m = smooth._split_counts(amax)
+    assert int((m - 1).sum()) <= smooth.SPLIT_BUDGET
+    assert m[3] > m[9] > 1 and m[3] >= 5                        # the largest channel gets the most copies
+    assert (m[np.setdiff1d(np.arange(64), [3, 9])] == 1).all()  # the bulk is never split
+    # the threshold is the lowest the budget allows: 1% lower would need more extra channels
+    t = (amax / m).max()
+    assert t == pytest.approx(40.0 / 7)                         # 40 -> 7 copies, 12 -> 3 copies: 8 extra
+    assert np.maximum(np.ceil(amax / (0.99 * t)) - 1, 0).sum() > smooth.SPLIT_BUDGET
+    flat = np.ones(64)
+    flat[5] = 4.0                                               # below MASSIVE_RATIO x median: no split
+    assert (smooth._split_counts(flat) == 1).all()
+
+
+def test_outlier_only_smoothing_factors():
+    from compiler.quantization import smooth
+
+    amax = np.ones(32)
+    amax[7] = 30.0
+    s = smooth._outlier_factors(amax)
+    assert s[7] == pytest.approx(30.0 / smooth.OUTLIER_RATIO)    # channel 7 falls to T = r * median
+    assert (np.delete(s, 7) == 1.0).all()
+    assert (smooth._outlier_factors(np.ones(32)) == 1.0).all()
+
+
+def test_residual_add_as_sum_is_exact_and_avoids_skip_layernorm(tmp_path):
+    from rules.quantize_ort import RULES as ORT_RULES
+
+    rng = np.random.default_rng(0)
+    proto = build("""
+        g (float[1, 5, 16] x, float[1, 5, 16] r) => (float[1, 5, 16] y, float[1, 5, 16] t) {
+            s = Add (x, r)
+            y = LayerNormalization <axis = -1, epsilon = 0.00001> (s, g1, b1)
+            u = Add (y, bias)
+            t = LayerNormalization <axis = -1> (u, g1, b1)
+        }""", g1=rng.normal(size=16).astype(np.float32), b1=rng.normal(size=16).astype(np.float32),
+                  bias=rng.normal(size=16).astype(np.float32))
+    feed = {"x": rng.normal(size=(1, 5, 16)).astype(np.float32), "r": rng.normal(size=(1, 5, 16)).astype(np.float32)}
+    assert ort_ops(proto, tmp_path)["SkipLayerNormalization"] == 1
+    model = ir.from_onnx(proto)
+    infer_shapes(model)
+    res = rewrite(model, ORT_RULES)
+    assert res.counts["residual_add_as_sum"] == 1               # not the Add of a constant bias
+    assert ops(model)["Sum"] == 1 and ops(model)["Add"] == 1
+    out = ir.to_onnx(model)
+    for a, b in zip(run(proto, feed), run(out, feed)):
+        np.testing.assert_array_equal(a, b)                     # Sum of two inputs is Add, bit for bit
+    assert ort_ops(out, tmp_path)["SkipLayerNormalization"] == 0
+
+
 # ---------------------------------------------------------------- weight-only
 def test_weight_only_blockwise_int4_and_int8():
     rng = np.random.default_rng(0)
