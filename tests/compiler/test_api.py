@@ -250,7 +250,7 @@ def test_faults_the_input_already_has_are_notes_not_errors(tmp_path):
 
 
 def test_torch_module_to_torch_target():
-    torch = pytest.importorskip("torch")  # torch is a test dependency; this never skips in the test env
+    import torch  # torch is a test dependency; this never skips in the test env
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
     with torch.no_grad():
@@ -260,7 +260,9 @@ def test_torch_module_to_torch_target():
     r = compile(net, example_inputs=(x,), target="torch")
     assert isinstance(r.module, torch.fx.GraphModule) and r.proto is None
     assert r.verification.status == "passed" and not r.verification.generated
-    assert r.verification.inputs == {"arg0": (2, 3, 8, 8)}
+    # named as the captured graph names them (Sequential.forward's argument), not by position
+    assert r.verification.inputs == {"input": (2, 3, 8, 8)}
+    assert [o.name for o in r.verification.outputs] == [v.name for v in r.model.graph.outputs]
     with torch.no_grad():
         got = r.module(x)
         got = got[0] if isinstance(got, (tuple, list)) else got
@@ -299,3 +301,14 @@ def test_structural_blame_helpers():
     assert rules_in_message(model, "Unrecognized attribute: alpha. Name: bad_relu OpType: Relu") == \
         [("identity_to_bad_relu", "bad_relu")]
     assert rules_in_message(model, "node bad_relu_2 is fine") == []  # whole names only
+
+
+def test_bfloat16_torch_model_is_verified_at_its_own_precision():
+    import torch
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).bfloat16().eval()
+    r = compile(lin, example_inputs=(torch.randn(4, 16).bfloat16(),), target="torch")
+    assert r.verification.status == "passed"
+    # a few bf16 roundoffs (2^-8) at the outputs' magnitude, not the fp32 atol
+    assert 1e-4 < r.verification.atol < 0.2
+    assert r.verification.outputs[0].max_abs <= r.verification.atol

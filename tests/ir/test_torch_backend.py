@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import ir  # noqa: E402
 from compiler import numeric  # noqa: E402

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from torch import nn  # noqa: E402
 
 import ir  # noqa: E402

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
