@@ -71,14 +71,19 @@ def infer_shapes(model: Model) -> int:
         Nothing for models inference cannot handle; see the module docstring.
     """
     proto = to_onnx(model)
-    _strip_large_initializers(proto.graph)
+    strip_large_initializers(proto.graph)
     inferred = _run_inference(proto, model)
     if inferred is None:
         return 0
     return _copy_back(model.graph, inferred.graph)
 
 
-def _strip_large_initializers(gp: onnx.GraphProto) -> None:
+def strip_large_initializers(gp: onnx.GraphProto, *, keep_integer: bool = False) -> None:
+    """Hand initializers over :data:`STRIP_BYTES` to inference as typed graph inputs without data.
+
+    Inference only needs their types; dropping the bytes keeps it fast and under 2 GiB.
+    ``keep_integer`` keeps int32/int64 tensors whatever their size (shape data to propagate).
+    """
     inputs = {vi.name for vi in gp.input}
     keep = []
     for t in gp.initializer:
@@ -86,7 +91,8 @@ def _strip_large_initializers(gp: onnx.GraphProto) -> None:
         for d in t.dims:
             n *= d
         itemsize = _itemsize(t.data_type)
-        if itemsize is None or n * itemsize <= STRIP_BYTES:
+        if itemsize is None or n * itemsize <= STRIP_BYTES or \
+                (keep_integer and t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)):
             keep.append(t)
             continue
         if t.name not in inputs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import click
 
@@ -25,7 +26,7 @@ def debug() -> bool:
     return os.environ.get("GRAFT_DEBUG", "") not in ("", "0")
 
 
-def fail(msg: str) -> "NoReturn":  # noqa: F821
+def fail(msg: str) -> NoReturn:
     """Print ``graft: error: msg`` (one line) to stderr and exit 1; with GRAFT_DEBUG the traceback first."""
     if debug() and sys.exc_info()[0] is not None:
         traceback.print_exc()

@@ -18,13 +18,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from compiler.shapes import strip_large_initializers
 from ir import Model, Value
 from ir.onnx_io import to_onnx
 
 BATCH_DIM = 1
 OTHER_DIM = 32
-# weights larger than this are handed to inference as typed inputs without data (never shape data)
-_STRIP_BYTES = 4096
 
 
 class ShapeError(ValueError):
@@ -70,13 +69,8 @@ def static_shapes(model: Model, dim_sizes: dict[str, int] | None = None) -> dict
     sizes = input_sizes(model, dim_sizes)
     proto = to_onnx(model)
     g = proto.graph
-    for vi in g.input:
-        if vi.name in sizes:
-            shape = vi.type.tensor_type.shape
-            del shape.dim[:]
-            for d in sizes[vi.name]:
-                shape.dim.add().dim_value = int(d)
-    _strip(g)
+    _fix_input_shapes(g, sizes)
+    strip_large_initializers(g, keep_integer=True)
     del g.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
@@ -130,12 +124,7 @@ def _run_for_shapes(model: Model, sizes: dict, values: list, elem: dict) -> dict
 
     proto = to_onnx(model)
     g = proto.graph
-    for vi in g.input:
-        if vi.name in sizes:
-            shape = vi.type.tensor_type.shape
-            del shape.dim[:]
-            for d in sizes[vi.name]:
-                shape.dim.add().dim_value = int(d)
+    _fix_input_shapes(g, sizes)
     known = {o.name for o in g.output}
     for v in values:
         if v.name not in known:
@@ -148,16 +137,11 @@ def _run_for_shapes(model: Model, sizes: dict, values: list, elem: dict) -> dict
     return {v: tuple(int(d) for d in np.shape(got[v.name])) for v in values if v.name in got}
 
 
-def _strip(g: onnx.GraphProto) -> None:
-    inputs = {vi.name for vi in g.input}
-    keep = []
-    for t in g.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n * 4 <= _STRIP_BYTES or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-            keep.append(t)
-        elif t.name not in inputs:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    del g.initializer[:]
-    g.initializer.extend(keep)
+def _fix_input_shapes(g: onnx.GraphProto, sizes: dict) -> None:
+    """Give graph inputs the concrete ``sizes`` (name → dims) in place of their symbolic dims."""
+    for vi in g.input:
+        if vi.name in sizes:
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in sizes[vi.name]:
+                shape.dim.add().dim_value = int(d)
