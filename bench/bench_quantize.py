@@ -146,13 +146,16 @@ def bench_minilm(rounds: int) -> str:
     src = str(zoo.minilm_onnx())
     calib_s, held_s = sentences()
     calib, held = feeds(calib_s), feeds(held_s)
+    # the 512-row position and 2-row token-type tables stay float (0.6% of the model; chosen on the
+    # calibration sentences: min cosine 0.9945 against 0.9935 with them int8, and 3 run-time ops fewer each)
+    small_tables_float = {"embedding_min_rows": 1024}
     with tempfile.TemporaryDirectory() as d:
         paths = {"float": src}
         paths.update(ort_quantizers(src, calib, d))
         paths.update(graft_quantizers(src, calib, d, {
-            "dynamic, SkipLayerNorm left to ORT": {"mode": "dynamic", "ort_cpu_forms": False},
-            "dynamic": {"mode": "dynamic"},
-            "dynamic + split outliers": {"mode": "dynamic", "smooth": "split"},
+            "dynamic, SkipLayerNorm left to ORT": {"mode": "dynamic", "ort_cpu_forms": False, **small_tables_float},
+            "dynamic": {"mode": "dynamic", **small_tables_float},
+            "dynamic + split outliers": {"mode": "dynamic", "smooth": "split", **small_tables_float},
             "static per-channel": {"mode": "static"},
         }))
         sess = sessions(paths)

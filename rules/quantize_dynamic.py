@@ -112,10 +112,26 @@ def embedding_rules(ctx: QuantContext) -> list[Rule]:
         if m[w].size < ctx.min_weight_elements:
             return m.fail(f"table has {m[w].size} elements, fewer than min_weight_elements="
                           f"{ctx.min_weight_elements}", m.gather)
+        if m[w].shape[0] < ctx.embedding_min_rows:
+            return m.fail(f"table has {m[w].shape[0]} rows, fewer than embedding_min_rows={ctx.embedding_min_rows}",
+                          m.gather)
 
     def gather_replacement(op, m):
         """Gather(W, ids) -> Cast(Gather(int8 W, ids)) * Gather(row scales, ids)."""
         table = m[w]
+        if not ctx.embedding_per_row:
+            p = weight_params(table, None, INT8_SYM, name=m.value(w).name)
+            key = (m.value(w).name, "tensor")
+            hit = ctx.weight_cache.get(key)
+            if hit is not None and all(v.graph is not None for v in hit):
+                qv, sv, zv = hit
+            else:
+                qv = op.const(quantize(table, p), name=f"{m.value(w).name}_quantized")
+                sv = op.const(np.asarray(p.scale, table.dtype).reshape(()), name=f"{m.value(w).name}_scale")
+                zv = op.const(np.zeros((), np.int8), name=f"{m.value(w).name}_zero_point")
+                ctx.weight_cache[key] = (qv, sv, zv)
+            return op.DequantizeLinear(op.Gather(qv, m[ids], axis=0, _name=m.gather.name), sv, zv,
+                                       _name=f"{m.gather.name}_dequantize")
         p = weight_params(table, 0, INT8_SYM, name=m.value(w).name)
         key = (m.value(w).name, "rows")
         hit = ctx.weight_cache.get(key)

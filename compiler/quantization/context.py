@@ -51,6 +51,8 @@ class QuantContext:
         block_size: weight-only block length along K (0: not blockwise).
         min_weight_elements: weights smaller than this stay float (weight-only/dynamic modes).
         smoothing: activation name → SmoothQuant divisor s (per input channel), for the smoothing rule.
+        embedding_min_rows: embedding tables (Gather on axis 0) with fewer rows stay float.
+        embedding_per_row: one scale per table row (else one per table: ``DequantizeLinear``, one op fewer).
     """
 
     table: object | None = None
@@ -63,6 +65,8 @@ class QuantContext:
     block_size: int = 0
     min_weight_elements: int = 0
     smoothing: dict[str, np.ndarray] = field(default_factory=dict)
+    embedding_min_rows: int = 0
+    embedding_per_row: bool = True
     weight_cache: dict[tuple, tuple[Value, ...]] = field(default_factory=dict)
     _act_cache: dict[str, QParams] = field(default_factory=dict)
 

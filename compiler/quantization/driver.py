@@ -142,7 +142,8 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
              simplify_shapes: bool = True, calib_backend: str = "onnxruntime",
              upgrade_opset: bool = False, eval_data=None, report: bool = True, progress: bool = True,
              threads: int = 0, accuracy_target: float | None = None, max_float_layers: int = 8,
-             accuracy_metric=None, ort_cpu_forms: bool = True) -> QuantizeResult:
+             accuracy_metric=None, ort_cpu_forms: bool = True, embedding_min_rows: int = 0,
+             embedding_per_row: bool = True) -> QuantizeResult:
     """Quantize ``model`` to int8 (or int4 weight-only).
 
     Args:
@@ -177,6 +178,11 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
         ort_cpu_forms: dynamic only — rewrite to the exact forms measured faster in onnxruntime
             CPU (:mod:`rules.quantize_ort`: residual Add before LayerNormalization as Sum, which
             keeps onnxruntime from fusing the slower SkipLayerNormalization).
+        embedding_min_rows: dynamic only — embedding tables (Gather on axis 0 of a constant 2-D
+            table) with fewer rows stay float (MiniLM's 512-row position and 2-row token-type
+            tables: 0.6% of the model, three run-time ops each when quantized).
+        embedding_per_row: dynamic only — int8 tables with one scale per row (default) or one per
+            table (``Gather`` + ``DequantizeLinear``, as onnxruntime's quantize_dynamic writes).
 
     Returns:
         :class:`QuantizeResult`.
@@ -228,7 +234,8 @@ def quantize(model, mode: str = "static", calibration=None, *, exclude=None, cal
     excluded = resolve_exclusions(m, exclude)
     kw = dict(calib_method=calib_method, percentile=percentile, activation=activation, op_types=op_types,
               block_size=block_size, min_weight_elements=min_weight_elements, smooth=smooth, progress=progress,
-              threads=threads, calib_backend=calib_backend, ort_cpu_forms=ort_cpu_forms)
+              threads=threads, calib_backend=calib_backend, ort_cpu_forms=ort_cpu_forms,
+              embedding_min_rows=embedding_min_rows, embedding_per_row=embedding_per_row)
     res = _run_mode(m, float_model, qmode, calibration, excluded, notes, **kw)
     if accuracy_target is not None and res.layers:
         from compiler.quantization.fallback import fall_back_to_float
@@ -256,7 +263,8 @@ def _attach_report(res: QuantizeResult, eval_data, calibration, threads: int) ->
 
 def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excluded: set[str], notes: list[str], *,
               calib_method, percentile, activation, op_types, block_size, min_weight_elements, smooth, progress,
-              threads, calib_backend, ort_cpu_forms=True) -> QuantizeResult:
+              threads, calib_backend, ort_cpu_forms=True, embedding_min_rows=0,
+              embedding_per_row=True) -> QuantizeResult:
     from compiler.rewriter import Rewriter
     from compiler.rule import RuleSet
     from rules.dead_code import eliminate_dead_code
@@ -286,7 +294,8 @@ def _run_mode(m: ir.Model, float_model: ir.Model, qmode: Mode, calibration, excl
         roots = {k: v for k, v in roots.items() if k in plan.nodes}
     elif qmode.kind == "dynamic":
         ctx = QuantContext(per_channel=qmode.per_channel, excluded=excluded, min_weight_elements=min_weight_elements,
-                           weight=INT8_SYM)
+                           weight=INT8_SYM, embedding_min_rows=embedding_min_rows,
+                           embedding_per_row=embedding_per_row)
         if smooth is not None:
             from compiler.quantization.smooth import smoothing_factors
 

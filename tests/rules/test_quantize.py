@@ -394,9 +394,10 @@ def test_channel_splitting_reduces_dynamic_error_with_an_outlier_channel():
     assert err(split) < 0.5 * err(plain)
 
 
-def test_split_budget_caps_extra_channels_and_splits_the_largest():
+def test_split_budget_caps_extra_channels_and_splits_the_largest(monkeypatch):
     from compiler.quantization import smooth
 
+    monkeypatch.setattr(smooth, "SPLIT_BUDGET", 8)
     amax = np.ones(64)
     amax[[3, 9]] = [40.0, 12.0]                                 # two outliers, median 1
     m = smooth._split_counts(amax)
