@@ -60,7 +60,25 @@ _DATA_ELEMENTS = 4096
 
 # ---------------------------------------------------------------- fold_constants
 def _foldable(node) -> bool:
-    return node.domain == "" and any(v is not None for v in node.inputs)
+    """ai.onnx node with at least one input, each an initializer or a Constant output (or absent).
+
+    Tried at every node of every pass, so it rejects in a few attribute reads, before a match
+    is built: ``Node._inputs`` is read directly (``Node.inputs`` copies it). It is looser than
+    :meth:`ir.Value.constant` (a graph input with an initializer passes), so ``_evaluate``
+    still checks each input and says which one is not constant.
+    """
+    if node.domain != "":
+        return False
+    seen = False
+    for v in node._inputs:
+        if v is None:
+            continue
+        if v.const is None:
+            p = v.producer
+            if p is None or p.op_type != "Constant":
+                return False
+        seen = True
+    return seen
 
 
 def _evaluate(m):

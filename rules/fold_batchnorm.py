@@ -65,29 +65,66 @@ _STATS = (("scale (gamma)", gamma), ("bias (beta)", beta), ("mean", mean), ("var
 
 def _const(m, v):
     """The constant array bound to ``v``, None when absent or not a compile-time constant."""
+    # check and replacement ask for each of the six tensors several times: remember them per match
+    cache = m.__dict__.get("_consts")
+    if cache is None:
+        cache = m.__dict__["_consts"] = {}
+    try:
+        return cache[v]
+    except KeyError:
+        pass
     value = m.value(v)
-    return None if value is None else value.constant()
+    arr = cache[v] = None if value is None else value.constant()
+    return arr
+
+
+_FLOAT_DTYPES: dict = {}
 
 
 def _is_float(arr) -> bool:
-    try:
-        return DataType.from_numpy(arr.dtype).is_float
-    except Exception:  # a dtype ONNX has no element type for
-        return False
+    dt = arr.dtype
+    got = _FLOAT_DTYPES.get(dt)
+    if got is None:
+        try:
+            got = DataType.from_numpy(dt).is_float
+        except Exception:  # a dtype ONNX has no element type for
+            got = False
+        _FLOAT_DTYPES[dt] = got
+    return got
+
+
+# numpy casts these inside the ufunc loop (ml_dtypes' bfloat16/float8 go through astype)
+_NATIVE_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
+
+def _f64(arr):
+    """``arr`` where numpy promotes it to float64 by itself in arithmetic with float64, else a float64 copy."""
+    return arr if arr.dtype in _NATIVE_FLOATS else arr.astype(np.float64)
+
+
+def _scaled(wt, factor):
+    """``wt * factor`` computed in float64 and rounded once to ``wt.dtype``.
+
+    Same result as ``(wt.astype(float64) * factor).astype(wt.dtype)``, without the two
+    full-size temporaries for the numpy float dtypes.
+    """
+    if wt.dtype in _NATIVE_FLOATS:
+        return np.multiply(wt, factor, out=np.empty(wt.shape, wt.dtype), casting="unsafe")
+    return (wt.astype(np.float64) * factor).astype(wt.dtype)
 
 
 def _need_const(m, v, label, node):
     """A Failure unless ``v`` is absent or a float constant."""
-    value = m.value(v)
-    if value is None:
-        return None
-    arr = value.constant()
+    arr = _const(m, v)
     if arr is None:
+        value = m.value(v)
+        if value is None:
+            return None
         how = "a graph input callers may override" if value.is_graph_input() else "computed at run time"
         return m.fail(f"{label} {value.name!r} of {node.op_type} {node.name!r} is not a constant ({how}); "
                       f"BatchNormalization can only be folded into constant weights", node)
     if not _is_float(arr):
-        return m.fail(f"{label} {value.name!r} of {node.op_type} {node.name!r} has dtype {arr.dtype}; "
+        return m.fail(f"{label} {m.value(v).name!r} of {node.op_type} {node.name!r} has dtype {arr.dtype}; "
                       f"folding needs floating-point tensors", node)
     return None
 
@@ -118,17 +155,22 @@ def _bn_check(m, channels: int):
         if arr.shape != (channels,):
             return m.fail(f"BatchNormalization {bn.name!r} {label} has shape {list(arr.shape)}, expected "
                           f"[{channels}] (one entry per output channel of the op it follows)", bn)
-    eps = float(bn.attrs.get("epsilon", 1e-5))
-    if np.any(_const(m, var).astype(np.float64) + eps <= 0):
+    denom = _const(m, var).astype(np.float64) + float(bn.attrs.get("epsilon", 1e-5))
+    if (denom <= 0).any():
         return m.fail(f"BatchNormalization {bn.name!r} has var + epsilon <= 0 for some channel", bn)
+    m.__dict__["_denom"] = denom  # the replacement's _scale reuses it
     return None
 
 
 def _scale(m):
     """(s, shift) in float64: y = x * s + shift per channel."""
-    eps = float(m.bn.attrs.get("epsilon", 1e-5))
-    s = _const(m, gamma).astype(np.float64) / np.sqrt(_const(m, var).astype(np.float64) + eps)
-    shift = _const(m, beta).astype(np.float64) - _const(m, mean).astype(np.float64) * s
+    denom = m.__dict__.get("_denom")
+    if denom is None:
+        denom = _const(m, var).astype(np.float64) + float(m.bn.attrs.get("epsilon", 1e-5))
+    s = _const(m, gamma).astype(np.float64)
+    s /= np.sqrt(denom)
+    shift = _f64(_const(m, mean)) * s
+    np.subtract(_f64(_const(m, beta)), shift, out=shift)
     return s, shift
 
 
@@ -163,9 +205,14 @@ def _param_names(m, weight, bias, node) -> tuple[str, str]:
     return f"{wname}_folded", f"{bname}_folded"
 
 
-def _bias_f64(m, channels: int):
+def _new_bias(m, s, shift, dtype):
+    """``bias * s + shift`` (float64) in ``dtype``; ``shift`` when the op has no bias."""
     bias = _const(m, b)
-    return np.zeros(channels) if bias is None else bias.astype(np.float64)
+    if bias is None:
+        return shift.astype(dtype)
+    out = _f64(bias) * s
+    out += shift
+    return out.astype(dtype)
 
 
 # ---------------------------------------------------------------- Conv
@@ -188,11 +235,10 @@ def conv_replacement(op, m):
     """BN(Conv(x, W, B)) -> Conv(x, W*s, B*s + shift)."""
     s, shift = _scale(m)
     wt = _const(m, w)
-    new_w = wt.astype(np.float64) * s.reshape((-1,) + (1,) * (wt.ndim - 1))
-    new_b = _bias_f64(m, wt.shape[0]) * s + shift
+    new_w = _scaled(wt, s.reshape((-1,) + (1,) * (wt.ndim - 1)))
     wname, bname = _param_names(m, w, b, m.conv)
-    return op.Conv(m[x], op.const(new_w.astype(wt.dtype), name=wname),
-                   op.const(new_b.astype(wt.dtype), name=bname),
+    return op.Conv(m[x], op.const(new_w, name=wname),
+                   op.const(_new_bias(m, s, shift, wt.dtype), name=bname),
                    _name=_label(m.conv), **m.conv.attrs)
 
 
@@ -226,10 +272,9 @@ def conv_transpose_replacement(op, m):
     c_in, c_out_g, kernel = wt.shape[0], wt.shape[1], wt.shape[2:]
     grouped = wt.astype(np.float64).reshape(group, c_in // group, c_out_g, *kernel)
     new_w = (grouped * s.reshape(group, 1, c_out_g, *(1,) * len(kernel))).reshape(wt.shape)
-    new_b = _bias_f64(m, group * c_out_g) * s + shift
     wname, bname = _param_names(m, w, b, m.convt)
     return op.ConvTranspose(m[x], op.const(new_w.astype(wt.dtype), name=wname),
-                            op.const(new_b.astype(wt.dtype), name=bname),
+                            op.const(_new_bias(m, s, shift, wt.dtype), name=bname),
                             _name=_label(m.convt), **m.convt.attrs)
 
 

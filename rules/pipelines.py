@@ -3,7 +3,8 @@
 - ``cleanup``: shape inference → cleanup rules + constant folding (one rule set,
   to a fixed point) → dead-code elimination.
 - ``optimize``: cleanup → BatchNormalization folding → op fusion → cleanup again
-  (folds and fusions leave Identity/Reshape chains and constants to tidy).
+  (folds and fusions leave Identity/Reshape chains and constants to tidy; its shape
+  inference is skipped when the rewrites left every value typed with a static shape).
 
 :func:`with_user_rules` appends a user :class:`compiler.RuleSet` (e.g. from
 ``graft compile --rules my_rules.py``) to a pipeline as its own pass.
@@ -16,16 +17,20 @@ from compiler.passes import FunctionPass, Pipeline, RewritePass, get_pipeline, r
 from compiler.rule import Rule, RuleDefinitionError, RuleSet
 
 
-def cleanup() -> Pipeline:
-    """Shape inference, then cleanup + constant-folding rules to a fixed point, then dead code."""
-    from compiler.shapes import infer_shapes
+def cleanup(*, retype: bool = False) -> Pipeline:
+    """Shape inference, then cleanup + constant-folding rules to a fixed point, then dead code.
+
+    ``retype=True`` (a cleanup after other passes) skips inference when every value already
+    has a dtype and a static shape (:func:`compiler.shapes.infer_missing_shapes`).
+    """
+    from compiler.shapes import infer_missing_shapes, infer_shapes
     from rules import cleanup as cleanup_rules
     from rules import constant_folding
     from rules.dead_code import eliminate_dead_code
 
     rules = RuleSet([*cleanup_rules.RULES, *constant_folding.RULES], name="cleanup_rules")
     return Pipeline("cleanup", [
-        FunctionPass(infer_shapes, "infer_shapes", analysis=True),
+        FunctionPass(infer_missing_shapes if retype else infer_shapes, "infer_shapes", analysis=True),
         RewritePass(rules, "cleanup_rules"),
         FunctionPass(eliminate_dead_code, "dead_code"),
     ], doc="shape inference → cleanup + constant folding → dead code")
@@ -41,7 +46,7 @@ def optimize() -> Pipeline:
         cleanup(),
         RewritePass(folds, "fold_batchnorm"),
         RewritePass(RuleSet(fuse.RULES, name="fuse"), "fuse"),
-        cleanup(),
+        cleanup(retype=True),
     ], doc="cleanup → fold BatchNormalization → fuse → cleanup")
 
 

@@ -336,6 +336,30 @@ def test_dynamic_matmul_and_embedding(tmp_path):
     assert gather.inputs[0].const.shape == (50, 8)
 
 
+def test_embedding_tables_small_ones_float_and_per_table_scale():
+    rng = np.random.default_rng(1)
+    big, small = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32)
+    proto = build("""
+        g (int64[B, S] ids, int64[B, S] pos) => (float[B, S, 8] y) {
+            a = Gather (big, ids)
+            b = Gather (small, pos)
+            y = Add (a, b)
+        }""", big=big, small=small)
+    feed = {"ids": rng.integers(0, 60, (2, 5)), "pos": rng.integers(0, 4, (2, 5))}
+    ref = run(proto, feed)[0]
+    res = quantize(proto, "dynamic", progress=False, report=False, embedding_min_rows=10)
+    assert res.counts["quantize_embedding"] == 1                # only the 60-row table
+    int8 = [n.inputs[0].const.shape for n in res.model.graph if n.op_type == "Gather"
+            and n.inputs[0].dtype == ir.DataType.INT8]
+    assert int8 == [(60, 8)]
+    step = np.abs(big).max(axis=1, keepdims=True) / 127         # per-row scale: error within half a step
+    assert np.abs(run(res.proto, feed)[0] - ref).max() <= 0.5 * step.max() + 1e-6
+    res = quantize(proto, "dynamic", progress=False, report=False, embedding_per_row=False)
+    c = ops(res.model)
+    assert c["DequantizeLinear"] == 2 and c["Cast"] == 0        # Gather(int8) -> DequantizeLinear, per table
+    assert np.abs(run(res.proto, feed)[0] - ref).max() <= (np.abs(big).max() + np.abs(small).max()) / 254 + 1e-6
+
+
 def test_dynamic_gemm_with_transposed_weight_and_bias():
     rng = np.random.default_rng(0)
     proto = build("""
