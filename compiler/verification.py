@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -215,6 +216,30 @@ def _runnable(proto: onnx.ModelProto, data: bytes | None):
         yield path
 
 
+class _SessionThread(threading.Thread):
+    """Builds an onnxruntime session (:func:`compiler.numeric._session`) in the background."""
+
+    def __init__(self, src):
+        super().__init__(name="graft-verify-session", daemon=True)
+        self._src, self._sess, self._error = src, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._sess = numeric._session(self._src)
+        except BaseException as e:  # noqa: BLE001 — re-raised in the caller's thread by result()
+            self._error = e
+        finally:
+            self._src = None
+
+    def result(self):
+        """The session; raises what building it raised."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._sess
+
+
 def verify_onnx(ref_proto: onnx.ModelProto, ref_src, out_proto: onnx.ModelProto, out_bytes: bytes | None, model,
                 example_inputs=None, dim_sizes=None, seed: int = 0, rewrites=(), *, atol: float = 1e-4,
                 rtol: float = 0.0) -> Verification:
@@ -240,10 +265,16 @@ def verify_onnx(ref_proto: onnx.ModelProto, ref_src, out_proto: onnx.ModelProto,
             v.reason = f"cannot generate inputs: {one_line(e)}"
             return v
     v.inputs = {k: tuple(a.shape) for k, a in feeds.items()}
+    # onnxruntime builds a session mostly without the GIL: load the compiled model in a second
+    # thread while this one loads and runs the input model. Over 2 GiB (a temporary file) the
+    # sessions are built one after the other, so two copies of the weights are never held at once.
+    out_build = _SessionThread(out_bytes) if out_bytes is not None else None
     try:
         sess = numeric._session(ref_src)
     except Exception as e:  # noqa: BLE001 — ORT raises several types; the input model is the one at fault
         v.reason = f"onnxruntime cannot load the input model: {one_line(e)}"
+        if out_build is not None:
+            out_build.join()
         return v
     names = [o.name for o in sess.get_outputs()]
     try:
@@ -253,6 +284,8 @@ def verify_onnx(ref_proto: onnx.ModelProto, ref_src, out_proto: onnx.ModelProto,
         kind = "generated" if v.generated else "the given"
         v.reason = (f"onnxruntime cannot run the input model on {kind} inputs {shapes}: {one_line(e)} "
                     f"(set symbolic dim sizes with --dim name=size / dim_sizes, or pass example inputs)")
+        if out_build is not None:
+            out_build.join()
         return v
     flipped = _flip_bools(feeds) if v.generated else None
     if flipped is not None:
@@ -264,9 +297,13 @@ def verify_onnx(ref_proto: onnx.ModelProto, ref_src, out_proto: onnx.ModelProto,
             pass
     del sess
     try:
-        with _runnable(out_proto, out_bytes) as src:
-            out_sess = numeric._session(src)
+        if out_build is not None:
+            out_sess = out_build.result()
             outs = [dict(zip(names, out_sess.run(names, f))) for f, _ in runs]
+        else:
+            with _runnable(out_proto, out_bytes) as src:
+                out_sess = numeric._session(src)
+                outs = [dict(zip(names, out_sess.run(names, f))) for f, _ in runs]
     except Exception as e:  # noqa: BLE001
         raise OutputDoesNotRun(one_line(e)) from None
     failing = None

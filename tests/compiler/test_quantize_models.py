@@ -25,8 +25,6 @@ def _session(src):
 # ---------------------------------------------------------------- digits CNN
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
     from digits_cnn import make_digits_model
 
     return make_digits_model(str(tmp_path_factory.mktemp("digits")), epochs=8)
@@ -49,7 +47,6 @@ def test_digits_cnn_int8_accuracy_within_half_a_point(digits):
 # ---------------------------------------------------------------- PP-OCR text direction
 @pytest.fixture(scope="module")
 def text_lines():
-    pytest.importorskip("PIL")
     from text_lines import render_text_lines
 
     return render_text_lines(264, seed=0)
@@ -80,7 +77,6 @@ def test_ppocr_cls_per_channel_needs_opset_13(ppocr_cls_path):
 # ---------------------------------------------------------------- all-MiniLM-L6-v2
 @pytest.fixture(scope="module")
 def minilm_quantized(minilm_onnx_path):
-    pytest.importorskip("transformers")
     from sentence_data import feeds, sentences
 
     calib, held = sentences()
