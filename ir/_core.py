@@ -407,12 +407,7 @@ class Graph:
             raise IRError(f"{node!r} already belongs to graph {node.graph.name!r}")
         node.graph = self
         if before is None:
-            node._prev, node._next = self._tail, None
-            if self._tail is not None:
-                self._tail._next = node
-            else:
-                self._head = node
-            self._tail = node
+            self._link_at_tail(node)
         else:
             if before.graph is not self:
                 raise IRError(f"cannot insert before {before!r}: it is not in graph {self.name!r}")
@@ -504,13 +499,17 @@ class Graph:
             n._prev = n._next = None
         for i in order:
             n = nodes[i]
-            n._prev, n._next = self._tail, None
-            if self._tail is not None:
-                self._tail._next = n
-            else:
-                self._head = n
-            self._tail = n
+            self._link_at_tail(n)
             n._order = next(self._order_counter)
+
+    def _link_at_tail(self, node: Node) -> None:
+        """Put ``node`` last in the linked list (no bookkeeping beyond the links)."""
+        node._prev, node._next = self._tail, None
+        if self._tail is not None:
+            self._tail._next = node
+        else:
+            self._head = node
+        self._tail = node
 
     def all_graphs(self) -> Iterator["Graph"]:
         """This graph and every nested subgraph, depth first."""
