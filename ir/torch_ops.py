@@ -12,7 +12,9 @@ normalization, resizing and quantization in :mod:`ir.torch_ops_nn`.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Callable
 
 import torch
@@ -25,6 +27,16 @@ ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 4: torch.uint16,
                6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
                12: torch.uint32, 13: torch.uint64, 14: torch.complex64, 15: torch.complex128,
                16: torch.bfloat16, 17: torch.float8_e4m3fn, 19: torch.float8_e5m2}
+
+
+class UnsupportedInTorchBackend(NotImplementedError):
+    """An ONNX op variant (attribute value, optional output) the torch backend cannot express.
+
+    Raised by the op functions here and in :mod:`ir.torch_ops_nn` while the ``GraphModule`` runs;
+    the message names the op and the variant. What to do: compile to the ONNX target instead, or
+    rewrite the op into a supported form with a rule before emitting torch. A subclass of
+    ``NotImplementedError``, so ``except NotImplementedError`` still catches it.
+    """
 
 
 def onnx_op(name: str, since: int = 1):
@@ -200,28 +212,20 @@ def Mod(a, b, *, fmod=0):
     return torch.fmod(a, b) if fmod else torch.remainder(a, b)
 
 
+# Variadic ops fold their inputs left to right with the binary op (multidirectional broadcasting).
 @onnx_op("Max")
 def Max(*xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out = torch.maximum(out, x)
-    return out
+    return functools.reduce(torch.maximum, xs)
 
 
 @onnx_op("Min")
 def Min(*xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out = torch.minimum(out, x)
-    return out
+    return functools.reduce(torch.minimum, xs)
 
 
 @onnx_op("Sum")
 def Sum(*xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out = out + x
-    return out
+    return functools.reduce(operator.add, xs)
 
 
 @onnx_op("Mean")
@@ -431,7 +435,7 @@ def GatherElements(x, idx, *, axis=0):
 @onnx_op("GatherND")
 def GatherND(x, idx, *, batch_dims=0):
     if batch_dims:
-        raise NotImplementedError("GatherND with batch_dims > 0 is not supported by the torch backend")
+        raise UnsupportedInTorchBackend("GatherND with batch_dims > 0 is not supported by the torch backend")
     k = idx.shape[-1]
     return x[tuple(idx[..., i] for i in range(k))]
 
@@ -455,7 +459,8 @@ def ScatterND(x, idx, upd, *, reduction="none"):
     elif reduction == "add":
         out = out.index_put(key, upd, accumulate=True)
     else:
-        raise NotImplementedError(f"ScatterND reduction={reduction!r} is not supported by the torch backend")
+        raise UnsupportedInTorchBackend(f"ScatterND reduction={reduction!r} is not supported by the torch "
+                                        f"backend")
     return out
 
 

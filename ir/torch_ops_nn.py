@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ir.torch_ops import _axis, ints, onnx_op
+from ir.torch_ops import UnsupportedInTorchBackend, _axis, ints, onnx_op
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -112,7 +112,8 @@ def ConvTranspose(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, k
 def BatchNormalization(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1,
                        _outputs=1):
     if training_mode:
-        raise NotImplementedError("BatchNormalization with training_mode=1 is not supported by the torch backend")
+        raise UnsupportedInTorchBackend("BatchNormalization with training_mode=1 is not supported by the torch "
+                                        "backend")
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, epsilon)
 
 
@@ -159,7 +160,7 @@ def LpNormalization(x, *, axis=-1, p=2):
 def MaxPool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, pads=None, storage_order=0,
             strides=None, _outputs=1):
     if _outputs > 1:
-        raise NotImplementedError("MaxPool's Indices output is not supported by the torch backend")
+        raise UnsupportedInTorchBackend("MaxPool's Indices output is not supported by the torch backend")
     n = len(kernel_shape)
     strides = strides or [1] * n
     dilations = dilations or [1] * n
@@ -176,7 +177,7 @@ def AveragePool(x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0, dilat
     n = len(kernel_shape)
     strides = strides or [1] * n
     if dilations and any(d != 1 for d in dilations):
-        raise NotImplementedError("AveragePool with dilations is not supported by the torch backend")
+        raise UnsupportedInTorchBackend("AveragePool with dilations is not supported by the torch backend")
     p = _pads(x, kernel_shape, strides, [1] * n, pads, auto_pad)
     if _symmetric(p) and all(p[i] * 2 <= kernel_shape[i] for i in range(n)):
         return _AVGPOOL[n](x, kernel_shape, strides, p[:n], bool(ceil_mode), bool(count_include_pad))
@@ -267,9 +268,10 @@ def Resize(x, roi=None, scales=None, sizes=None, *, mode="nearest", coordinate_t
         sc = [1.0] * (rank - len(s)) + s
         out = [int(math.floor(x.shape[i] * sc[i])) for i in range(rank)]
     if antialias:
-        raise NotImplementedError("Resize with antialias=1 is not supported by the torch backend")
+        raise UnsupportedInTorchBackend("Resize with antialias=1 is not supported by the torch backend")
     if out[0] != x.shape[0] or out[1] != x.shape[1]:
-        raise NotImplementedError("Resize of the batch or channel axis is not supported by the torch backend")
+        raise UnsupportedInTorchBackend("Resize of the batch or channel axis is not supported by the torch "
+                                        "backend")
     spatial = out[2:]
     if mode == "nearest":
         y = x
@@ -283,8 +285,8 @@ def Resize(x, roi=None, scales=None, sizes=None, *, mode="nearest", coordinate_t
         return F.interpolate(x, size=spatial, mode=interp, align_corners=True)
     if ctm in ("half_pixel", "pytorch_half_pixel"):
         return F.interpolate(x, size=spatial, mode=interp, align_corners=False)
-    raise NotImplementedError(f"Resize mode={mode!r} with coordinate_transformation_mode={ctm!r} is not "
-                              f"supported by the torch backend")
+    raise UnsupportedInTorchBackend(f"Resize mode={mode!r} with coordinate_transformation_mode={ctm!r} "
+                                    f"is not supported by the torch backend")
 
 
 @onnx_op("Upsample")

@@ -185,6 +185,21 @@ def _check_weight(m, node, ndim_min: int, label: str = "weight", bias_label: str
     return None
 
 
+def _check_channel_bias(m, node, c_out: int):
+    """Failure unless the bias ``b`` is absent or has shape (C_out,), as Conv and ConvTranspose
+    require of input B (ONNX Conv-11, ConvTranspose-11)."""
+    bias = _const(m, b)
+    if bias is not None and bias.shape != (c_out,):
+        return m.fail(f"{node.op_type} {node.name!r} bias has shape {list(bias.shape)}, expected [{c_out}]", node)
+    return None
+
+
+def _fits_rows(bias, n: int) -> bool:
+    """True when ``bias`` is absent or broadcasts onto (M, n) without raising the output's rank:
+    rank <= 2 and last dim 1 or n (ONNX unidirectional broadcasting, Gemm-13 input C)."""
+    return bias is None or (bias.ndim <= 2 and (bias.ndim == 0 or bias.shape[-1] in (1, n)))
+
+
 def _label(node) -> str:
     """A name hint for what replaces ``node`` (imported nodes may be unnamed)."""
     return node.name or node.outputs[0].name
@@ -225,10 +240,7 @@ def conv_check(m):
     if bad is not None:
         return bad
     c_out = _const(m, w).shape[0]
-    bias = _const(m, b)
-    if bias is not None and bias.shape != (c_out,):
-        return m.fail(f"Conv {m.conv.name!r} bias has shape {list(bias.shape)}, expected [{c_out}]", m.conv)
-    return _bn_check(m, c_out)
+    return _check_channel_bias(m, m.conv, c_out) or _bn_check(m, c_out)
 
 
 def conv_replacement(op, m):
@@ -257,11 +269,7 @@ def conv_transpose_check(m):
         return m.fail(f"ConvTranspose {m.convt.name!r}: weight dim 0 ({wt.shape[0]}) is not divisible by "
                       f"group={group}", m.convt)
     c_out = wt.shape[1] * group
-    bias = _const(m, b)
-    if bias is not None and bias.shape != (c_out,):
-        return m.fail(f"ConvTranspose {m.convt.name!r} bias has shape {list(bias.shape)}, expected [{c_out}]",
-                      m.convt)
-    return _bn_check(m, c_out)
+    return _check_channel_bias(m, m.convt, c_out) or _bn_check(m, c_out)
 
 
 def conv_transpose_replacement(op, m):
@@ -292,7 +300,7 @@ def gemm_check(m):
         return m.fail(f"Gemm {m.gemm.name!r} B has rank {wt.ndim}, expected 2", m.gemm)
     n = wt.shape[0] if m.gemm.attrs.get("transB", 0) else wt.shape[1]
     bias = _const(m, b)
-    if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n))):
+    if not _fits_rows(bias, n):
         return m.fail(f"Gemm {m.gemm.name!r} C has shape {list(bias.shape)}, not broadcastable to (M, {n})",
                       m.gemm)
     return _bn_check(m, n)
@@ -344,7 +352,7 @@ def matmul_check(m):
                       f"axis 1 but MatMul's features are on the last axis", m.matmul)
     n = wt.shape[1]
     bias = _const(m, b)
-    if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n))):
+    if not _fits_rows(bias, n):
         return m.fail(f"Add {add.name!r} bias has shape {list(bias.shape)}, not broadcastable to (M, {n}) "
                       f"without changing the output's rank", add)
     return _bn_check(m, n)

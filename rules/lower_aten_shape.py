@@ -270,17 +270,24 @@ def sym_numel(op, a, n):
     return op.Size(a["self"])
 
 
-def constant_pad(op, a, n):
-    """constant_pad_nd(x, pad, value) -> Pad(constant)."""
-    x, pad = a["self"], a["pad"]
+def _onnx_pads(op, x, pad):
+    """torch's pad list (last dim first: ``[l_last, r_last, l_prev, r_prev, ...]``) as ONNX Pad's
+    ``pads`` input (int64, ``[x1_begin, ..., xr_begin, x1_end, ..., xr_end]``, ONNX Pad-18)."""
     if isinstance(pad, Value):
         refuse("pads known only at run time")
     r = rank(x)
     begins, ends = [0] * r, [0] * r
     for i in range(len(pad) // 2):
         begins[r - 1 - i], ends[r - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    return ints(op, begins + ends)
+
+
+def constant_pad(op, a, n):
+    """constant_pad_nd(x, pad, value) -> Pad(constant)."""
+    x = a["self"]
+    pads = _onnx_pads(op, x, a["pad"])
     value = const(op, np.array(a.get("value") or 0), x.dtype)
-    return op.Pad(x, ints(op, begins + ends), value, mode="constant")
+    return op.Pad(x, pads, value, mode="constant")
 
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -293,14 +300,8 @@ def pad(op, a, n):
         refuse(f"pad mode {mode!r}")
     if mode == "constant":
         return constant_pad(op, a, n)
-    x, p = a["self"], a["pad"]
-    if isinstance(p, Value):
-        refuse("pads known only at run time")
-    r = rank(x)
-    begins, ends = [0] * r, [0] * r
-    for i in range(len(p) // 2):
-        begins[r - 1 - i], ends[r - 1 - i] = p[2 * i], p[2 * i + 1]
-    return op.Pad(x, ints(op, begins + ends), mode=_PAD_MODES[mode])
+    x = a["self"]
+    return op.Pad(x, _onnx_pads(op, x, a["pad"]), mode=_PAD_MODES[mode])
 
 
 def upsample(op, a, n):
