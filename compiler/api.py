@@ -282,8 +282,10 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         target: ``"onnx"`` (a ModelProto) or ``"torch"`` (a ``torch.fx.GraphModule``).
         rules: user rules (a RuleSet, a list of Rule, or the path of a rule file), run as their own
             pass after the pipeline. A rule may not take the name of another rule of the pipeline.
-        verify: run both models in onnxruntime and compare outputs. Structural checks
-            (``ir.verify`` and ``onnx.checker`` full_check) run always.
+        verify: run both models in onnxruntime and compare outputs. Structural checks run always:
+            ``ir.verify`` and ``onnx.checker``, with full_check (strict shape inference on the output)
+            when ``verify`` is true, without it when false (the pipeline's own shape inference still
+            ran; on a 10k-node model full_check costs 0.03–0.14 s more than the plain checker).
         atol, rtol: an output passes when its max abs error <= atol or max rel error <= rtol.
         dim_sizes: sizes for named symbolic input dims (``dim_param``), e.g. ``{"batch": 1, "seq": 128}``.
             A name no graph input has is ignored with a note in ``result.notes`` (:func:`unknown_dims`).
@@ -382,7 +384,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         except UnloweredOpError as e:
             raise CompileError(str(e), result) from None
     t = time.perf_counter()
-    out_proto, out_bytes = _check_structure(model, result, ref_proto, ref_src)
+    out_proto, out_bytes = _check_structure(model, result, ref_proto, ref_src, full=verify)
     timings["check"] = time.perf_counter() - t
     if target == "onnx":
         result.proto = out_proto
@@ -468,9 +470,9 @@ def unknown_dims(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None) -> st
             f"_ is an unnamed dim, which cannot be sized)")
 
 
-def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src) -> tuple[onnx.ModelProto,
-                                                                                          bytes | None]:
-    """``ir.verify`` then ``onnx.checker`` (full_check); failures name the rules involved.
+def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src, *,
+                     full: bool = True) -> tuple[onnx.ModelProto, bytes | None]:
+    """``ir.verify`` then ``onnx.checker`` (full_check when ``full``); failures name the rules involved.
 
     A fault the input model already has is not the compile's: it goes into ``result.notes``
     (for full_check, the output is then held to the plain checker, as the input was).
@@ -508,9 +510,9 @@ def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src)
         return None
 
     out_src = data if data is not None else proto
-    err = check(out_src, True)
+    err = check(out_src, full)
     if err is not None:
-        ref_err = check(ref_src, True) if ref_src is not None else None
+        ref_err = check(ref_src, True) if full and ref_src is not None else None
         if ref_err is None or check(out_src, False) is not None:
             raise _invalid("fails onnx.checker", err, model, proto, result)
         result.notes.append(f"onnx.checker full_check fails on the input model too ({ref_err}); the output was "

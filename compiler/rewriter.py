@@ -88,6 +88,13 @@ class Builder:
     def nodes(self) -> list[Node]:
         return self._state["nodes"]
 
+    def _unique(self, hint: str) -> str:
+        # Graph.unique_name, with the model's name scope looked up once per rewrite
+        fresh = self._state.get("fresh")
+        if fresh is None:
+            fresh = self._state["fresh"] = self._graph._names().fresh
+        return fresh(hint)
+
     @property
     def consts(self) -> list[Value]:
         return self._state["consts"]
@@ -101,7 +108,7 @@ class Builder:
         if (arr.dtype == object or arr.dtype.kind in "USV" and dtype != DataType.STRING) and not _onnx_typed(arr.dtype):
             raise RuleError(f"rule {self._rule!r}: op.const got an array of dtype {arr.dtype}, which has no "
                             f"ONNX tensor type (pass numbers, or dtype=DataType.STRING for text)")
-        v = Value(self._graph.unique_name(name or f"{self._rule}_const"),
+        v = Value(self._unique(name or f"{self._rule}_const"),
                   const=Tensor(arr, dtype=dtype))
         self.consts.append(v)
         return v
@@ -117,10 +124,10 @@ class Builder:
         def make(*inputs, _outputs: int = 1, _name: str | None = None, **attrs):
             ins = [self._as_value(x) for x in inputs]
             hint = _name or op_type
-            outs = [Value(self._graph.unique_name(f"{hint}_out" if _outputs == 1 else f"{hint}_out{i}"))
+            outs = [Value(self._unique(f"{hint}_out" if _outputs == 1 else f"{hint}_out{i}"))
                     for i in range(_outputs)]
             node = Node(op_type, ins, outs, {k: v for k, v in attrs.items() if v is not None},
-                        domain=self._domain, name=self._graph.unique_name(hint))
+                        domain=self._domain, name=self._unique(hint))
             self.nodes.append(node)
             return outs[0] if _outputs == 1 else tuple(outs)
 
@@ -188,7 +195,9 @@ class Rewriter:
         queued: set[Node] = set(queue)
         done = 0
         matchers: dict[str, Matcher] = {}
-        candidates: dict[tuple[str, str], list[Rule]] = {}  # for_node, once per op type
+        # (rule, matcher) pairs per op type (for_node once per op type): the loop below runs
+        # once per rule tried at each node, so it does no lookups of its own
+        candidates: dict[tuple[str, str], list[tuple[Rule, Matcher]]] = {}
         sort_needed = False
         while queue:
             node = queue.popleft()
@@ -196,14 +205,24 @@ class Rewriter:
             if node.graph is not graph:
                 continue
             key = (node.domain, node.op_type)
-            rules = candidates.get(key)
-            if rules is None:
-                rules = candidates[key] = self.rules.for_node(*key)
-            for rule in rules:
-                matcher = matchers.get(rule.name)
-                if matcher is None:
-                    matcher = matchers[rule.name] = Matcher(rule.roots, opset, track_misses=False)
-                applied = self._try(rule, matcher, node, opset)
+            pairs = candidates.get(key)
+            if pairs is None:
+                pairs = candidates[key] = []
+                for rule in self.rules.for_node(*key):
+                    matcher = matchers.get(rule.name)
+                    if matcher is None:
+                        matcher = matchers[rule.name] = Matcher(rule.roots, opset, track_misses=False)
+                    pairs.append((rule, matcher))
+            for rule, matcher in pairs:
+                try:
+                    bindings = matcher.match(node)
+                except Exception as e:  # a Const/attribute/node predicate of the rule raised
+                    raise RuleError(f"rule {rule.name!r} ({rule.where}): its pattern predicate at "
+                                    f"{_user_frame(e, rule)} raised {type(e).__name__}: {e} while matching "
+                                    f"{_describe(node)}") from e
+                if bindings is None:
+                    continue
+                applied = self._try(rule, bindings, node, opset)
                 if applied is None:
                     continue
                 new_nodes, touched, multi_root = applied
@@ -223,15 +242,8 @@ class Rewriter:
             graph.sort()
 
     # -- one attempt ----------------------------------------------------------
-    def _try(self, rule: Rule, matcher: Matcher, node: Node, opset: int):
-        try:
-            bindings = matcher.match(node)
-        except Exception as e:  # a Const/attribute/node predicate of the rule raised
-            raise RuleError(f"rule {rule.name!r} ({rule.where}): its pattern predicate at "
-                            f"{_user_frame(e, rule)} raised {type(e).__name__}: {e} while matching "
-                            f"{_describe(node)}") from e
-        if bindings is None:
-            return None
+    def _try(self, rule: Rule, bindings: dict, node: Node, opset: int):
+        """Check and apply ``rule`` where its pattern matched ``node`` (``bindings``, from the matcher)."""
         m = Match(bindings, self._roots(rule, bindings), opset, rule.name)
         if explain_escape(m) is not None:
             return None
@@ -332,12 +344,13 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
         c.meta[PROVENANCE_RULE] = rule.name
         c.meta[PROVENANCE_REPLACED] = replaced
     anchor = m.roots[0]
+    source = [k for k in SOURCE_META if k in anchor.meta]
     for n in op.nodes:
         graph.insert_before(anchor, n)
         n.meta[PROVENANCE_RULE] = rule.name
         n.meta[PROVENANCE_REPLACED] = replaced
-        for k in SOURCE_META:  # where in the user's model this came from (diffs, reports, torch output)
-            if k in anchor.meta and k not in n.meta:
+        for k in source:  # where in the user's model this came from (diffs, reports, torch output)
+            if k not in n.meta:
                 n.meta[k] = anchor.meta[k]
     for old, new in zip(old_outs, outs):
         if new is old:
@@ -355,13 +368,18 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
     touched: list[Node] = []
     # Delete matched nodes that nothing reads any more, root side first.
     for n in m.nodes:
-        if n.graph is graph and not any(o.num_uses or o.is_graph_output() for o in n.outputs):
-            ins = [v for v in n.inputs if v is not None]
+        if n.graph is not graph:
+            continue
+        for o in n.outputs:
+            if o._uses or o.is_graph_output():
+                break
+        else:
+            ins = [v for v in n._inputs if v is not None]
             graph.remove(n, check_uses=False)
             touched.extend(_drop_dead_producers(graph, ins))
     _inherit_names(graph, old_outs, outs, op)
     for v in outs:
-        touched.extend(v.users())
+        touched.extend(n for n, _ in v._uses)  # duplicates are harmless: the worklist dedups
     if not op.nodes and not op.consts:
         # Nothing new carries this rewrite's provenance (e.g. Identity(x) -> x): log it on the model.
         model = graph.model
@@ -400,21 +418,26 @@ def _drop_dead_producers(graph: Graph, values: list[Value]) -> list[Node]:
     """Remove producers (transitively) whose outputs lost their last reader; return survivors touched."""
     touched = []
     stack = list(values)
+    inits, graph_outs = graph.initializers, graph._output_set
+    # Value.num_uses / is_graph_output inlined: this runs for every input of every removed node
+    # (an initializer is never a graph input in the IR's sense: Value.is_graph_input needs const None)
     while stack:
         v = stack.pop()
-        if v.num_uses == 0 and v.const is not None and v.graph is graph and v.name in graph.initializers \
-                and not v.is_graph_input() and not v.is_graph_output():
-            del graph.initializers[v.name]
+        if not v._uses and v.const is not None and v.graph is graph and v.name in inits \
+                and v not in graph_outs:
+            del inits[v.name]
             continue
         p = v.producer
         if p is None or p.graph is not graph:
             continue
-        if any(o.num_uses or o.is_graph_output() for o in p.outputs):
-            touched.append(p)
-            continue
-        ins = [x for x in p.inputs if x is not None]
-        graph.remove(p, check_uses=False)
-        stack.extend(ins)
+        for o in p.outputs:
+            if o._uses or o.is_graph_output():
+                touched.append(p)
+                break
+        else:
+            ins = [x for x in p._inputs if x is not None]
+            graph.remove(p, check_uses=False)
+            stack.extend(ins)
     return touched
 
 

@@ -41,6 +41,7 @@ _RAW_NUMPY = {int(k): np.dtype(v) for k, v in (
     (onnx.TensorProto.UINT8, np.uint8), (onnx.TensorProto.UINT16, np.uint16),
     (onnx.TensorProto.UINT32, np.uint32), (onnx.TensorProto.UINT64, np.uint64))}
 _LITTLE_ENDIAN = sys.byteorder == "little"
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 def tensor_proto_to_array(proto, shape: tuple | None = None) -> np.ndarray:
@@ -49,9 +50,10 @@ def tensor_proto_to_array(proto, shape: tuple | None = None) -> np.ndarray:
     ``shape``: the proto's dims when the caller already has them as a tuple.
     """
     dt = _RAW_NUMPY.get(proto.data_type)
-    if dt is not None and _LITTLE_ENDIAN and proto.HasField("raw_data") \
-            and proto.data_location != onnx.TensorProto.EXTERNAL and not proto.HasField("segment"):
-        return np.frombuffer(proto.raw_data, dtype=dt).reshape(tuple(proto.dims) if shape is None else shape)
+    if dt is not None and _LITTLE_ENDIAN:
+        raw = proto.raw_data  # b"" when unset: an empty raw_data goes through numpy_helper as before
+        if raw and proto.data_location != _EXTERNAL and not proto.HasField("segment"):
+            return np.frombuffer(raw, dtype=dt).reshape(tuple(proto.dims) if shape is None else shape)
     return numpy_helper.to_array(proto)
 
 

@@ -76,16 +76,18 @@ class _Verifier:
     def __init__(self, opsets: dict[str, int]):
         self.opsets = opsets
         self.out: list[str] = []
-        self.names: dict[str, list[str]] = {}  # value name -> where defined
+        # value name -> where defined: a text, or (output index, node, graph text) for node outputs,
+        # formatted only when the name turns out to be defined twice
+        self.names: dict[str, list] = {}
         self.seen_values: dict[Value, None] = {}
         self._schemas: dict[tuple, object] = {}
+        self._arities: dict[tuple, tuple | None] = {}
 
     # -- graphs ---------------------------------------------------------------
     def check_graph(self, g: Graph, outer: tuple[dict, ...]) -> None:
         """``outer``: dicts of values visible from enclosing graphs (value -> None)."""
         gname = f"graph {g.name!r}"
         nodes = self._linked_nodes(g)
-        position = {n: i for i, n in enumerate(nodes)}
         defined: dict[Value, None] = {}
         for v in g.inputs:
             if g.parent is None and v.dtype is None and v.type_proto is None:
@@ -104,32 +106,51 @@ class _Verifier:
                 self._define(v, g, f"initializer of {gname}")
                 defined[v] = None
         scope = (*outer, defined)
+        position: dict[Node, int] = {}  # filled on the first out-of-scope read (rare)
+        out, seen, names, arity = self.out, self.seen_values, self.names, self._arity
+        # The loop below runs once per node of every model a compile checks: messages (and the
+        # `where` text they start with) are built only when something is wrong.
         for n in nodes:
-            where = f"{_node_desc(n)} in {gname}"
-            self.check_arity(n, where)
-            for i, v in enumerate(n.inputs):
-                if v is None:
-                    continue
-                self._check_read(v, n, i, g, position, scope, where)
-                if (n, i) not in v._uses:
-                    self.out.append(f"{where}: input {i} reads {v.name!r}, but that value's use list "
-                                    f"lacks ({n.name!r}, {i}); edit inputs only through "
-                                    f"Node.set_input/replace_inputs")
-            for sg in n.subgraphs():
-                if sg.parent is not g:
-                    self.out.append(f"{where}: subgraph {sg.name!r} has parent "
-                                    f"{getattr(sg.parent, 'name', None)!r}, expected {g.name!r}; "
-                                    f"create subgraphs with Graph(parent=...)")
-                # names defined later in this graph are not visible yet: the subgraph sees `defined` now
-                self.check_graph(sg, (*outer, dict(defined)))
-            for k, o in enumerate(n.outputs):
+            ins = n._inputs
+            spec = arity(n)
+            if spec is not None and not (spec[0] <= len(ins) <= spec[1] and spec[2] <= len(n.outputs) <= spec[3]
+                                         and (not spec[4] or None not in ins)):
+                self.check_arity(n, _where(n, gname))
+            i = 0
+            for v in ins:
+                if v is not None:
+                    if v not in defined and not any(v in s for s in outer):
+                        if not position:
+                            position.update((m, k) for k, m in enumerate(nodes))
+                        self._check_read(v, n, i, g, position, scope, _where(n, gname))
+                    if (n, i) not in v._uses:
+                        out.append(f"{_where(n, gname)}: input {i} reads {v.name!r}, but that value's use list "
+                                   f"lacks ({n.name!r}, {i}); edit inputs only through "
+                                   f"Node.set_input/replace_inputs")
+                i += 1
+            if n.attrs:
+                for sg in n.subgraphs():
+                    if sg.parent is not g:
+                        out.append(f"{_where(n, gname)}: subgraph {sg.name!r} has parent "
+                                   f"{getattr(sg.parent, 'name', None)!r}, expected {g.name!r}; "
+                                   f"create subgraphs with Graph(parent=...)")
+                    # names defined later in this graph are not visible yet: the subgraph sees `defined` now
+                    self.check_graph(sg, (*outer, dict(defined)))
+            k = 0
+            for o in n.outputs:
                 if o.producer is not n or o.index != k:
                     prod = o.producer.name if o.producer is not None else None
-                    self.out.append(f"{where}: output {k} {o.name!r} records producer {prod!r} index "
-                                    f"{o.index}; build nodes with Node(outputs=...) so both sides agree")
-                if o.name:
-                    self._define(o, g, f"output {k} of {where}")
+                    out.append(f"{_where(n, gname)}: output {k} {o.name!r} records producer {prod!r} index "
+                               f"{o.index}; build nodes with Node(outputs=...) so both sides agree")
+                if o.name and o not in seen:  # _define, inlined: one call per output is measurable
+                    seen[o] = None
+                    wheres = names.get(o.name)
+                    if wheres is None:
+                        names[o.name] = [(k, n, gname)]
+                    else:
+                        wheres.append((k, n, gname))
                 defined[o] = None
+                k += 1
         for k, v in enumerate(g.outputs):
             if g.parent is None and v.dtype is None and v.type_proto is None:
                 self.out.append(f"{gname}: graph output {k} {v.name!r} has no type; ONNX requires one — set "
@@ -218,19 +239,22 @@ class _Verifier:
 
     # -- use-def --------------------------------------------------------------
     def _check_uses(self, g: Graph, nodes: list[Node]) -> None:
-        values: list[Value] = [*g.inputs, *g.initializers.values()]
+        values: dict[Value, None] = dict.fromkeys(g.inputs)
+        values.update(dict.fromkeys(g.initializers.values()))
         for n in nodes:
-            values.extend(n.outputs)
-        for v in dict.fromkeys(values):
+            for o in n.outputs:
+                values[o] = None
+        for v in values:
             for (user, i) in v._uses:
-                ok = user.graph is not None and i < len(user._inputs) and user._inputs[i] is v
-                if not ok:
-                    state = "is in no graph (removed, or never added)" if user.graph is None else \
-                        f"reads {_name(user._inputs[i]) if i < len(user._inputs) else 'nothing'} there"
-                    self.out.append(f"graph {g.name!r}: value {v.name!r} lists use ({user.name!r} "
-                                    f"{user.op_type}, input {i}), but that node {state}; edit inputs "
-                                    f"only through Node.set_input/replace_inputs and remove nodes "
-                                    f"with Graph.remove")
+                ins = user._inputs
+                if user.graph is not None and i < len(ins) and ins[i] is v:
+                    continue
+                state = "is in no graph (removed, or never added)" if user.graph is None else \
+                    f"reads {_name(ins[i]) if i < len(ins) else 'nothing'} there"
+                self.out.append(f"graph {g.name!r}: value {v.name!r} lists use ({user.name!r} "
+                                f"{user.op_type}, input {i}), but that node {state}; edit inputs "
+                                f"only through Node.set_input/replace_inputs and remove nodes "
+                                f"with Graph.remove")
 
     # -- names ----------------------------------------------------------------
     def _define(self, v: Value, g: Graph, where: str) -> None:
@@ -243,6 +267,7 @@ class _Verifier:
     def check_names(self) -> None:
         for name, wheres in self.names.items():
             if len(wheres) > 1:
+                wheres = [w if isinstance(w, str) else f"output {w[0]} of {_where(w[1], w[2])}" for w in wheres]
                 self.out.append(f"value name {name!r} is defined {len(wheres)} times ({'; '.join(wheres)}); "
                                 f"ONNX names are model-wide SSA — rename with Graph.unique_name")
 
@@ -267,6 +292,24 @@ class _Verifier:
                 self.out.append(f"{where}: required input {i} ({schema.inputs[i].name}) is absent; "
                                 f"connect a value")
 
+    def _arity(self, n: Node) -> tuple | None:
+        """``(min_in, max_in, min_out, max_out, has_required_input)`` of ``n``'s schema, cached per op."""
+        key = (n.domain, n.op_type)
+        try:
+            return self._arities[key]
+        except KeyError:
+            pass
+        schema = self._schema(n)
+        spec = None
+        if schema is not None:
+            import onnx.defs
+
+            single = onnx.defs.OpSchema.FormalParameterOption.Single
+            spec = (schema.min_input, schema.max_input, schema.min_output, schema.max_output,
+                    any(p.option == single for p in schema.inputs))
+        self._arities[key] = spec
+        return spec
+
     def _schema(self, n: Node):
         dom = _SCHEMA_DOMAINS.get(n.domain)
         if dom is None:
@@ -285,6 +328,10 @@ class _Verifier:
             except onnx.defs.SchemaError:
                 self._schemas[key] = None
         return self._schemas[key]
+
+
+def _where(n: Node, gname: str) -> str:
+    return f"{_node_desc(n)} in {gname}"
 
 
 def _name(v: Value | None) -> str:

@@ -61,6 +61,7 @@ x, a = Var("x"), Var("a")
 w, b = Var("w"), Var("b")
 gamma, beta, mean, var = Var("gamma"), Var("beta"), Var("mean"), Var("var")
 _STATS = (("scale (gamma)", gamma), ("bias (beta)", beta), ("mean", mean), ("var", var))
+_STATS_LABELED = tuple((label, v, f"BatchNormalization {label}") for label, v in _STATS)  # no f-string per fold
 
 
 def _const(m, v):
@@ -147,8 +148,8 @@ def _bn_check(m, channels: int):
     if not bn.attrs.get("spatial", 1):
         return m.fail(f"BatchNormalization {bn.name!r} has spatial=0 (per-activation statistics); only "
                       f"per-channel statistics fold into weights", bn)
-    for label, v in _STATS:
-        bad = _need_const(m, v, f"BatchNormalization {label}", bn)
+    for label, v, long_label in _STATS_LABELED:
+        bad = _need_const(m, v, long_label, bn)
         if bad is not None:
             return bad
         arr = _const(m, v)

@@ -66,7 +66,8 @@ def _prune_errors() -> tuple:
 @click.option("--rules", "rule_files", multiple=True, metavar="FILE",
               help="Python file of compiler.Rule objects (or a RULES list), run after the pipeline (repeatable).")
 @click.option("--no-verify", is_flag=True,
-              help="Skip the numeric comparison with the input model (structural checks still run).")
+              help="Skip the numeric comparison with the input model (structural checks still run: "
+                   "ir.verify and onnx.checker, without full_check's strict shape inference).")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest absolute output difference accepted.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
@@ -107,7 +108,7 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
     """Compile IN (an .onnx file or a zoo name: ppocr-cls, ppocr-det, ppocr-rec, minilm) into OUT.
 
     Loads IN (onnx.checker), runs the pipeline and any --rules, checks the result
-    (ir.verify, onnx.checker full_check) and, unless --no-verify, compares its
+    (ir.verify, onnx.checker; full_check unless --no-verify) and, unless --no-verify, compares its
     outputs with IN's in onnxruntime on generated inputs. OUT is written
     atomically, and only if every step succeeded. Exit status 1 on any error,
     with one line on stderr (GRAFT_DEBUG=1 adds the traceback).
