@@ -407,7 +407,3 @@ class Match:
         if b is not None and name in b and isinstance(b[name], Node):
             return b[name]
         raise AttributeError(f"the pattern binds no node named {name!r}")
-
-
-def constant_of(value: Value | None) -> np.ndarray | None:
-    return None if value is None else value.constant()

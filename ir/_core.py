@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -629,11 +629,3 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model(opset={self.opset}, {len(self.graph)} nodes)"
-
-
-def iter_values(graph: Graph) -> Iterable[Value]:
-    """Every value defined in ``graph`` (not subgraphs): inputs, initializers, node outputs."""
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    for n in graph:
-        yield from n.outputs
