@@ -136,9 +136,13 @@ class CompileResult:
     def ok(self) -> bool:
         return self.verification.status != "failed"
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, as_checked: bool = False) -> None:
         """Write the ONNX output atomically (temporary file, then rename; nothing left on failure).
         A ``torch`` target is written with ``torch.save`` (load it with ``ir.torch_backend.load_module``).
+
+        ``as_checked=True`` writes the serialization :func:`compile` made of :attr:`proto` to run
+        ``onnx.checker`` on it, instead of serializing again; only for a ``proto`` not edited
+        since (``graft compile`` uses it).
 
         Raises:
             CompileError: there is no output to save.
@@ -153,7 +157,11 @@ class CompileResult:
                                f"saved as .onnx (use target='onnx')")
         from ir.onnx_io import save_proto
 
-        save_proto(self.proto, path)
+        checked = getattr(self, "_checked", None) if as_checked else None
+        if checked is not None and checked[0] is self.proto and checked[1] is not None:
+            save_proto(self.proto, path, data=checked[1])
+        else:
+            save_proto(self.proto, path)
 
     def report(self, width: int = 100) -> str:
         """The short rich-rendered summary (see :mod:`compiler.report`)."""
@@ -388,6 +396,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     timings["check"] = time.perf_counter() - t
     if target == "onnx":
         result.proto = out_proto
+        result._checked = (out_proto, out_bytes)  # save(as_checked=True) writes these bytes
     else:
         result.module = _torch_entry("to_torch")(model)
         if result.prune is not None and result.prune.config_updates and hasattr(torch_module, "config"):

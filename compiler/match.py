@@ -405,5 +405,6 @@ class Match:
     def __getattr__(self, name: str) -> Node:
         b = self.__dict__.get("_b")
         if b is not None and name in b and isinstance(b[name], Node):
-            return b[name]
+            node = self.__dict__[name] = b[name]  # checks and replacements read m.conv etc. repeatedly
+            return node
         raise AttributeError(f"the pattern binds no node named {name!r}")

@@ -6,11 +6,10 @@ returns plain text (no colour codes) for logs and tests.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
-from rich import box
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported where a summary is drawn: `graft compile -q` needs only warnings()
+    from rich.console import Console, Group
 
 
 def _bytes(n: int) -> str:
@@ -33,6 +32,11 @@ def _num(x: float) -> str:
 
 def build(result) -> Group:
     """The summary of a :class:`compiler.api.CompileResult` as rich renderables."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     parts = []
     head = Text.assemble(("graft compile ", "bold"), f"{result.source}  ",
                          ("pipeline ", "dim"), f"{result.pipeline}  ",
@@ -117,11 +121,15 @@ def warnings(result) -> list[str]:
 
 def render(result, console: Console | None = None) -> None:
     """Print the summary to ``console`` (default: stdout)."""
+    from rich.console import Console
+
     (console or Console()).print(build(result))
 
 
 def render_text(result, width: int = 100) -> str:
     """The summary as plain text."""
+    from rich.console import Console
+
     buf = io.StringIO()
     console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)
     console.print(build(result))

@@ -102,9 +102,13 @@ class Builder:
     def domain(self, domain: str) -> "Builder":
         return Builder(self._graph, self._rule, domain, self._state)
 
-    def const(self, array, dtype: DataType | None = None, name: str | None = None) -> Value:
-        """A new initializer (a copy: existing tensors are never aliased or edited)."""
-        arr = np.array(array, copy=True)
+    def const(self, array, dtype: DataType | None = None, name: str | None = None, *, copy: bool = True) -> Value:
+        """A new initializer holding a copy of ``array`` (existing tensors are never aliased or edited).
+
+        ``copy=False`` hands over a numpy array the rule has just computed and keeps no other
+        reference to: it is stored as is (and made read-only) instead of copied.
+        """
+        arr = np.array(array, copy=True) if copy or not isinstance(array, np.ndarray) else array
         if (arr.dtype == object or arr.dtype.kind in "USV" and dtype != DataType.STRING) and not _onnx_typed(arr.dtype):
             raise RuleError(f"rule {self._rule!r}: op.const got an array of dtype {arr.dtype}, which has no "
                             f"ONNX tensor type (pass numbers, or dtype=DataType.STRING for text)")
@@ -122,7 +126,7 @@ class Builder:
             _CHECKED_OPS.add((self._domain, op_type))
 
         def make(*inputs, _outputs: int = 1, _name: str | None = None, **attrs):
-            ins = [self._as_value(x) for x in inputs]
+            ins = [x if x is None or type(x) is Value else self._as_value(x) for x in inputs]
             hint = _name or op_type
             outs = [Value(self._unique(f"{hint}_out" if _outputs == 1 else f"{hint}_out{i}"))
                     for i in range(_outputs)]

@@ -70,8 +70,7 @@ def infer_shapes(model: Model) -> int:
     Raises:
         Nothing for models inference cannot handle; see the module docstring.
     """
-    proto = to_onnx(model)
-    strip_large_initializers(proto.graph)
+    proto = to_onnx(model, stub_initializers_over=STRIP_BYTES)
     inferred = _run_inference(proto, model)
     if inferred is None:
         return 0
@@ -147,6 +146,17 @@ def strip_large_initializers(gp: onnx.GraphProto, *, keep_integer: bool = False)
 
 def _itemsize(data_type: int) -> int | None:
     try:
+        return _ITEMSIZE[data_type]
+    except KeyError:
+        size = _ITEMSIZE[data_type] = _itemsize_of(data_type)
+        return size
+
+
+_ITEMSIZE: dict[int, int | None] = {}
+
+
+def _itemsize_of(data_type: int) -> int | None:
+    try:
         dt = DataType(data_type)
         if dt == DataType.STRING:
             return None
@@ -186,14 +196,16 @@ def _copy_back(graph: Graph, gp: onnx.GraphProto) -> int:
     """Copy types from ``gp`` (exported from ``graph``, same node order) into ``graph``."""
     types = {}
     for vi in (*gp.input, *gp.value_info, *gp.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type
+        t = vi.type
+        if t.HasField("tensor_type"):
+            types[vi.name] = t.tensor_type
     typed = 0
     seen = set()
     values = [*graph.inputs]
     for n in graph:
         values.extend(o for o in n.outputs if o.name)
     values.extend(graph.outputs)
+    decoded: dict[bytes, tuple] = {}  # most values share a few types: decode each type once
     for v in values:
         if v in seen:
             continue
@@ -201,12 +213,18 @@ def _copy_back(graph: Graph, gp: onnx.GraphProto) -> int:
         tt = types.get(v.name)
         if tt is None:
             continue
-        _merge(v, tt)
+        key = tt.SerializeToString()
+        got = decoded.get(key)
+        if got is None:
+            got = decoded[key] = _decode(tt)
+        _merge(v, *got)
         typed += 1
-    # subgraphs: node i of the IR graph was exported as node i of gp
-    for node, np_ in zip(graph, gp.node):
-        if not any(True for _ in node.subgraphs()):
+    # subgraphs: node i of the IR graph was exported as node i of gp (gp.node[i] is read only for
+    # nodes with a subgraph: wrapping every NodeProto costs more than the types themselves)
+    for i, node in enumerate(graph):
+        if not node.attrs or next(node.subgraphs(), None) is None:
             continue
+        np_ = gp.node[i]
         by_name = {a.name: a for a in np_.attribute}
         for name, value in node.attrs.items():
             a = by_name.get(name)
@@ -220,22 +238,40 @@ def _copy_back(graph: Graph, gp: onnx.GraphProto) -> int:
     return typed
 
 
-def _merge(v, tt) -> None:
-    if tt.elem_type:
-        v.dtype = DataType(tt.elem_type)
+_DTYPE_OF: dict[int, DataType] = {}
+
+
+def _decode(tt) -> tuple[DataType | None, tuple | None]:
+    """(dtype, dims) of a ``TypeProto.Tensor``: dims are ints, symbolic names or None (unknown)."""
+    et = tt.elem_type
+    dtype = None
+    if et:
+        dtype = _DTYPE_OF.get(et)  # the enum call costs ~0.5 µs
+        if dtype is None:
+            dtype = _DTYPE_OF[et] = DataType(et)
     if not tt.HasField("shape"):
-        return
+        return dtype, None
     new = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value") and d.dim_value >= 0:
-            new.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
+        which = d.WhichOneof("value")  # one call instead of two HasField per dim
+        if which == "dim_value":
+            n = d.dim_value
+            new.append(n if n >= 0 else None)
+        elif which == "dim_param":
             new.append(d.dim_param)
         else:
             new.append(None)
+    return dtype, tuple(new)
+
+
+def _merge(v, dtype: DataType | None, new: tuple | None) -> None:
+    if dtype is not None:
+        v.dtype = dtype
+    if new is None:
+        return
     old = v.shape
     if old is not None and len(old) == len(new):
         # keep what the IR knew where inference is less precise (static beats symbolic beats unknown)
-        new = [o if (n is None or (isinstance(n, str) and static_dim(o))) and o is not None else n
-               for o, n in zip(old, new)]
-    v.shape = tuple(new)
+        new = tuple(o if (n is None or (isinstance(n, str) and static_dim(o))) and o is not None else n
+                    for o, n in zip(old, new))
+    v.shape = new

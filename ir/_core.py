@@ -50,7 +50,7 @@ class Tensor:
         self.doc_string = ""
         if array is not None:
             array = np.asarray(array)
-            array.flags.writeable = False  # shared constants are never changed in place
+            array.setflags(write=False)  # shared constants are never changed in place
             self._array = array
             self.dtype = dtype if dtype is not None else DataType.from_numpy(array.dtype)
             self.shape = array.shape  # a tuple of Python ints already
@@ -65,7 +65,7 @@ class Tensor:
         arr = self._array
         if arr is None:
             arr = _proto_to_array(self._proto, self.shape)
-            arr.flags.writeable = False
+            arr.setflags(write=False)
             self._array = arr
         return arr
 
@@ -207,21 +207,23 @@ class Node:
         self.overload = overload
         self.attrs: dict[str, Any] = dict(attrs or {})
         self.attr_types: dict[str, int] = {}
-        self._inputs: list[Value | None] = []
-        self.outputs: list[Value] = []
         self.graph: Graph | None = None
         self.meta: dict[str, Any] = {}
         self.doc_string = ""
         self._prev = self._next = None
         self._order = 0
-        for v in inputs:
-            self._append_input(v)
-        for i, v in enumerate(outputs):
+        outs = list(outputs)
+        for v in outs:  # before anything points at this node
             if v.producer is not None:
                 raise IRError(f"value {v.name!r} already has producer {v.producer.name!r}; "
                               f"cannot also be an output of new {op_type} node {name!r}")
+        ins = self._inputs = list(inputs)  # rules build thousands of nodes: _append_input inlined
+        for i, v in enumerate(ins):
+            if v is not None:
+                v._uses[(self, i)] = None
+        for i, v in enumerate(outs):
             v.producer, v.index = self, i
-            self.outputs.append(v)
+        self.outputs = outs
 
     @property
     def inputs(self) -> tuple[Value | None, ...]:

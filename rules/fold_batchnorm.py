@@ -64,19 +64,22 @@ _STATS = (("scale (gamma)", gamma), ("bias (beta)", beta), ("mean", mean), ("var
 _STATS_LABELED = tuple((label, v, f"BatchNormalization {label}") for label, v in _STATS)  # no f-string per fold
 
 
+_OPERANDS = (w, b, gamma, beta, mean, var)
+
+
 def _const(m, v):
     """The constant array bound to ``v``, None when absent or not a compile-time constant."""
-    # check and replacement ask for each of the six tensors several times: remember them per match
-    cache = m.__dict__.get("_consts")
-    if cache is None:
-        cache = m.__dict__["_consts"] = {}
-    try:
-        return cache[v]
-    except KeyError:
-        pass
-    value = m.value(v)
-    arr = cache[v] = None if value is None else value.constant()
-    return arr
+    # check and replacement ask for each of the six tensors several times: read all of them once
+    # per match (a plain attribute of the Match after the first call)
+    consts = m.__dict__.get("_consts")
+    if consts is not None:
+        return consts[v]
+    consts = {}
+    for u in _OPERANDS:
+        value = m.value(u)
+        consts[u] = None if value is None else value.constant()
+    m.__dict__["_consts"] = consts
+    return consts[v]
 
 
 _FLOAT_DTYPES: dict = {}
@@ -117,6 +120,8 @@ def _scaled(wt, factor):
 def _need_const(m, v, label, node):
     """A Failure unless ``v`` is absent or a float constant."""
     arr = _const(m, v)
+    if arr is not None and _FLOAT_DTYPES.get(arr.dtype):  # the usual case, decided in one lookup
+        return None
     if arr is None:
         value = m.value(v)
         if value is None:
@@ -148,16 +153,20 @@ def _bn_check(m, channels: int):
     if not bn.attrs.get("spatial", 1):
         return m.fail(f"BatchNormalization {bn.name!r} has spatial=0 (per-activation statistics); only "
                       f"per-channel statistics fold into weights", bn)
+    _const(m, var)  # reads all six operands once
+    consts = m.__dict__["_consts"]
     for label, v, long_label in _STATS_LABELED:
-        bad = _need_const(m, v, long_label, bn)
-        if bad is not None:
-            return bad
-        arr = _const(m, v)
+        arr = consts[v]
+        if arr is None or not _FLOAT_DTYPES.get(arr.dtype):
+            bad = _need_const(m, v, long_label, bn)
+            if bad is not None:
+                return bad
         if arr.shape != (channels,):
             return m.fail(f"BatchNormalization {bn.name!r} {label} has shape {list(arr.shape)}, expected "
                           f"[{channels}] (one entry per output channel of the op it follows)", bn)
-    denom = _const(m, var).astype(np.float64) + float(bn.attrs.get("epsilon", 1e-5))
-    if (denom <= 0).any():
+    denom = _const(m, var).astype(np.float64)
+    denom += float(bn.attrs.get("epsilon", 1e-5))
+    if denom.size and np.minimum.reduce(denom) <= 0:  # half the cost of (denom <= 0).any(); NaN passes in both
         return m.fail(f"BatchNormalization {bn.name!r} has var + epsilon <= 0 for some channel", bn)
     m.__dict__["_denom"] = denom  # the replacement's _scale reuses it
     return None
@@ -250,8 +259,8 @@ def conv_replacement(op, m):
     wt = _const(m, w)
     new_w = _scaled(wt, s.reshape((-1,) + (1,) * (wt.ndim - 1)))
     wname, bname = _param_names(m, w, b, m.conv)
-    return op.Conv(m[x], op.const(new_w, name=wname),
-                   op.const(_new_bias(m, s, shift, wt.dtype), name=bname),
+    return op.Conv(m[x], op.const(new_w, name=wname, copy=False),
+                   op.const(_new_bias(m, s, shift, wt.dtype), name=bname, copy=False),
                    _name=_label(m.conv), **m.conv.attrs)
 
 

@@ -67,7 +67,8 @@ def check_output_path(output: str, src: Path | None) -> None:
     if not output.strip() or Path(output).name in ("", ".", ".."):
         fail(f"-o {output!r}: give the path of the file to write, e.g. -o model.opt.onnx")
     out = Path(output)
-    if src is not None:
+    # only an existing file can be one of the input's files: parse the input's header only then
+    if src is not None and (out.exists() or Path(str(out) + ".data").exists() or out.is_symlink()):
         files = input_files(src)
         if _same(out, files[0]):
             fail(f"{output}: is the input model; refusing to overwrite it (choose another -o path)")

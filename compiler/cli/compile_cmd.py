@@ -51,6 +51,14 @@ def _prune_errors() -> tuple:
     return PruneError, SelectionError, PlanError, AnalysisError, ShapeError
 
 
+def _quantize_errors() -> tuple:
+    # imported only when an error reaches this clause: a compile without --quantize skips the import
+    from compiler.calibration import CalibrationDataError, CalibrationRunError
+    from compiler.quantization import QuantizationError
+
+    return QuantizationError, CalibrationDataError, CalibrationRunError
+
+
 @main.command("compile")
 @click.argument("model", metavar="IN", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -159,12 +167,16 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         torch_errors = (TorchCaptureError, TorchImportError)
     prune = _prune_config(prune_ratio, prune_criterion, prune_round, prune_zero_only, prune_scope,
                           prune_calibration)
-    from compiler.quantization import QuantizationError
-    from compiler.calibration import CalibrationDataError, CalibrationRunError
-
     if quantize_mode in ("static", "static-per-tensor", "static-per-channel") and not calibration:
         fail(f"--quantize {quantize_mode} needs calibration data: --calibration FILE.npz or a directory of .npy "
              f"(or use --quantize dynamic, which needs none)")
+    if _is_console_script():
+        # compile() pauses the cyclic collector (ir/_gc.py); re-enabling it would make its first
+        # collection walk every object of both models (~45 ms at 10k nodes) just before the
+        # process ends at os._exit: leave it off
+        import gc
+
+        gc.disable()
     try:
         result = compile(model, example_inputs, pipeline=pipeline, target=target, rules=user_rules or None,
                          verify=not no_verify, atol=atol, dim_sizes=dim_sizes, prune=prune,
@@ -190,7 +202,7 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         fail(f"{label}: {e}")
     except _prune_errors() as e:
         fail(f"{label}: --prune: {e}")
-    except (QuantizationError, CalibrationDataError, CalibrationRunError) as e:
+    except _quantize_errors() as e:
         fail(f"{label}: --quantize {quantize_mode}: {e}")
     except (CompileError, IRError) as e:
         fail(f"{label}: {e}")
@@ -206,7 +218,7 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         fail(f"{label}: internal error {type(e).__name__}: {e} (rerun with GRAFT_DEBUG=1 for the traceback "
              f"and report it)")
     try:
-        result.save(out)
+        result.save(out, as_checked=True)
     except OSError as e:
         fail(f"{output}: cannot write ({e.strerror or e}); check the directory exists and is writable")
     if not quiet:
@@ -237,15 +249,7 @@ def _exit_now_if_console_script() -> None:
     import os
     import sys
 
-    from compiler import cli
-
-    entry = sys.modules.get("__main__")
-    # the generated script is a file named graft that imports main; `python -c "...main()"` and
-    # programs that call main() themselves expect it to return (or raise SystemExit)
-    if getattr(entry, "main", None) is not cli.main or \
-            os.path.basename(getattr(entry, "__file__", None) or "").removesuffix(".exe") != "graft":
-        return
-    if sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
+    if not _is_console_script():
         return
     import atexit
     import logging
@@ -258,3 +262,20 @@ def _exit_now_if_console_script() -> None:
     except (OSError, ValueError):  # a closed pipe: the normal exit would fail the same way
         return
     os._exit(0)
+
+
+def _is_console_script() -> bool:
+    """True when this process is the ``graft`` console script (its ``__main__`` holds this CLI's
+    ``main``) writing to the real standard streams: not CliRunner, the Python API or a host program."""
+    import os
+    import sys
+
+    from compiler import cli
+
+    entry = sys.modules.get("__main__")
+    # the generated script is a file named graft that imports main; `python -c "...main()"` and
+    # programs that call main() themselves expect it to return (or raise SystemExit)
+    if getattr(entry, "main", None) is not cli.main or \
+            os.path.basename(getattr(entry, "__file__", None) or "").removesuffix(".exe") != "graft":
+        return False
+    return sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__
