@@ -109,12 +109,13 @@ class Builder:
         reference to: it is stored as is (and made read-only) instead of copied.
         """
         arr = np.array(array, copy=True) if copy or not isinstance(array, np.ndarray) else array
-        if (arr.dtype == object or arr.dtype.kind in "USV" and dtype != DataType.STRING) and not _onnx_typed(arr.dtype):
+        kind = arr.dtype.kind  # one attribute read instead of comparing dtypes (~0.3 µs per constant)
+        if kind in "OUSV" and (kind == "O" or dtype != DataType.STRING) and not _onnx_typed(arr.dtype):
             raise RuleError(f"rule {self._rule!r}: op.const got an array of dtype {arr.dtype}, which has no "
                             f"ONNX tensor type (pass numbers, or dtype=DataType.STRING for text)")
         v = Value(self._unique(name or f"{self._rule}_const"),
                   const=Tensor(arr, dtype=dtype))
-        self.consts.append(v)
+        self._state["consts"].append(v)
         return v
 
     def __getattr__(self, op_type: str):
@@ -128,11 +129,17 @@ class Builder:
         def make(*inputs, _outputs: int = 1, _name: str | None = None, **attrs):
             ins = [x if x is None or type(x) is Value else self._as_value(x) for x in inputs]
             hint = _name or op_type
-            outs = [Value(self._unique(f"{hint}_out" if _outputs == 1 else f"{hint}_out{i}"))
-                    for i in range(_outputs)]
-            node = Node(op_type, ins, outs, {k: v for k, v in attrs.items() if v is not None},
-                        domain=self._domain, name=self._unique(hint))
-            self.nodes.append(node)
+            unique = self._unique
+            if _outputs == 1:
+                outs = [Value(unique(hint + "_out"))]
+            else:
+                outs = [Value(unique(f"{hint}_out{i}")) for i in range(_outputs)]
+            for v in attrs.values():
+                if v is None:  # an attribute passed as None is left unset
+                    attrs = {k: v for k, v in attrs.items() if v is not None}
+                    break
+            node = Node(op_type, ins, outs, attrs, domain=self._domain, name=unique(hint))
+            self._state["nodes"].append(node)
             return outs[0] if _outputs == 1 else tuple(outs)
 
         return make
@@ -248,7 +255,7 @@ class Rewriter:
     # -- one attempt ----------------------------------------------------------
     def _try(self, rule: Rule, bindings: dict, node: Node, opset: int):
         """Check and apply ``rule`` where its pattern matched ``node`` (``bindings``, from the matcher)."""
-        m = Match(bindings, self._roots(rule, bindings), opset, rule.name)
+        m = Match(bindings, bindings["__roots__"], opset, rule.name)
         if explain_escape(m) is not None:
             return None
         if rule.check is not None:
@@ -256,10 +263,6 @@ class Rewriter:
             if verdict is not None and verdict is not True:
                 return None
         return apply(rule, m, self.on_rewrite)
-
-    @staticmethod
-    def _roots(rule: Rule, bindings: dict) -> tuple[Node, ...]:
-        return bindings["__roots__"]
 
 
 def _user_frame(e: BaseException, rule: Rule) -> str:
@@ -419,7 +422,11 @@ def _fresh_outputs(op: Builder) -> set[Value]:
 
 
 def _drop_dead_producers(graph: Graph, values: list[Value]) -> list[Node]:
-    """Remove producers (transitively) whose outputs lost their last reader; return survivors touched."""
+    """Remove producers (transitively) whose outputs lost their last reader.
+
+    Returns the nodes to revisit: each producer that survives with fewer readers, and its
+    remaining readers.
+    """
     touched = []
     stack = list(values)
     inits, graph_outs = graph.initializers, graph._output_set
@@ -436,7 +443,12 @@ def _drop_dead_producers(graph: Graph, values: list[Value]) -> list[Node]:
             continue
         for o in p.outputs:
             if o._uses or o.is_graph_output():
+                # p survives with fewer readers: a rule rooted at p may look at its outputs' uses
+                # (Dropout's mask), and one rooted at a remaining reader may now pass the escape
+                # check that p's lost reader failed
                 touched.append(p)
+                for q in p.outputs:
+                    touched.extend([u for u, _ in q._uses])
                 break
         else:
             ins = [x for x in p._inputs if x is not None]
@@ -473,7 +485,7 @@ def explain(model: Model, rule: Rule) -> tuple[list[Match], list[tuple[Node, Mis
             if b is None:
                 misses.append((node, matcher.best_miss or Miss("no match", node, 0)))
                 continue
-            m = Match(b, Rewriter._roots(rule, b), model.opset, rule.name)
+            m = Match(b, b["__roots__"], model.opset, rule.name)
             f = explain_escape(m)
             if f is None and rule.check is not None:
                 v = rule.check(m)

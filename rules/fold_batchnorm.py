@@ -164,8 +164,7 @@ def _bn_check(m, channels: int):
         if arr.shape != (channels,):
             return m.fail(f"BatchNormalization {bn.name!r} {label} has shape {list(arr.shape)}, expected "
                           f"[{channels}] (one entry per output channel of the op it follows)", bn)
-    denom = _const(m, var).astype(np.float64)
-    denom += float(bn.attrs.get("epsilon", 1e-5))
+    denom = np.add(_f64(_const(m, var)), np.float64(bn.attrs.get("epsilon", 1e-5)))  # float64, one op
     if denom.size and np.minimum.reduce(denom) <= 0:  # half the cost of (denom <= 0).any(); NaN passes in both
         return m.fail(f"BatchNormalization {bn.name!r} has var + epsilon <= 0 for some channel", bn)
     m.__dict__["_denom"] = denom  # the replacement's _scale reuses it
@@ -174,11 +173,10 @@ def _bn_check(m, channels: int):
 
 def _scale(m):
     """(s, shift) in float64: y = x * s + shift per channel."""
-    denom = m.__dict__.get("_denom")
+    denom = m.__dict__.pop("_denom", None)  # the check's var + epsilon, ours to change
     if denom is None:
-        denom = _const(m, var).astype(np.float64) + float(m.bn.attrs.get("epsilon", 1e-5))
-    s = _const(m, gamma).astype(np.float64)
-    s /= np.sqrt(denom)
+        denom = np.add(_f64(_const(m, var)), np.float64(m.bn.attrs.get("epsilon", 1e-5)))
+    s = np.divide(_f64(_const(m, gamma)), np.sqrt(denom, out=denom))  # float64: gamma / sqrt(var + eps)
     shift = _f64(_const(m, mean)) * s
     np.subtract(_f64(_const(m, beta)), shift, out=shift)
     return s, shift

@@ -325,6 +325,32 @@ def test_no_rewrite_when_inner_value_escapes():
         assert hits == [] and misses[0][1].reason == why
 
 
+def test_rule_blocked_by_an_escape_fires_once_the_outside_reader_is_gone():
+    """Neg(Exp(x)) cannot fire while Abs also reads Exp's output; a later rewrite replaces Abs by a
+    fresh Exp, and the worklist must come back to Neg (a reader of the producer that lost a reader)."""
+    x = Var("x")
+    neg_exp = Rule("neg_exp_to_mul", op.Neg(op.Exp(x)),
+                   lambda op, m: op.Mul(op.Exp(m[x], _name="fresh_exp"), np.array(-1, np.float32)))
+    y = Var("y")
+
+    def abs_of_exp_check(m):
+        p = m[y].producer
+        return None if p is not None and p.op_type == "Exp" and p.name != "fresh_exp" else m.fail("no Exp", None)
+
+    abs_exp = Rule("abs_of_exp", op.Abs(y), lambda op, m: op.Exp(m[y].producer.inputs[0], _name="abs_exp"),
+                   check=abs_of_exp_check)
+    proto = build("""g (float[2,3] x) => (float[2,3] n, float[2,3] a) {
+        e = Exp(x)
+        n = Neg(e)
+        a = Abs(e)
+    }""")
+    model, res, out = run_rules(proto, [neg_exp, abs_exp])
+    # Neg was visited first and refused (Abs read e); after abs_of_exp removed Abs, it fires
+    assert dict(res.counts) == {"abs_of_exp": 1, "neg_exp_to_mul": 1}
+    assert [n.op_type for n in out.graph.node].count("Abs") == 0
+    assert_same_outputs(proto, out)
+
+
 def test_shared_initializer_is_never_changed_in_place():
     W = f32(4, 3, 3, 3)
     proto = build("""g (float[1,3,8,8] x) => (float[1,4,8,8] y1, float[1,4,8,8] y2) {
