@@ -403,9 +403,11 @@ def _inherit_names(graph: Graph, old_outs: list[Value], outs: list[Value], op: B
     Names are what users, diffs and value_info key on: BN folded into a Conv keeps
     the BN output's name, a Constant turned initializer keeps its name.
     """
-    fresh = _fresh_outputs(op) | set(op.consts)
+    nodes, consts = op.nodes, op.consts
     for old, new in zip(old_outs, outs):
-        if new is old or new not in fresh or not old.name or new.is_graph_output():
+        if new is old or not old.name or new.is_graph_output():
+            continue
+        if not (new.producer in nodes if new.producer is not None else new in consts):  # not made by this rewrite
             continue
         if old.num_uses or (old.producer is not None and old.producer.graph is not None):
             continue

@@ -64,9 +64,7 @@ class Tensor:
         """The data as a read-only numpy array (ml_dtypes for bf16/fp8/int4)."""
         arr = self._array
         if arr is None:
-            arr = _proto_to_array(self._proto, self.shape)
-            arr.setflags(write=False)
-            self._array = arr
+            arr = self._array = _proto_to_array(self._proto, self.shape)  # read-only
         return arr
 
     @property

@@ -45,7 +45,7 @@ _EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 def tensor_proto_to_array(proto, shape: tuple | None = None) -> np.ndarray:
-    """The tensor's data (``onnx.numpy_helper.to_array`` semantics, read-only for raw data).
+    """The tensor's data as a read-only array (``onnx.numpy_helper.to_array`` semantics).
 
     ``shape``: the proto's dims when the caller already has them as a tuple.
     """
@@ -57,8 +57,11 @@ def tensor_proto_to_array(proto, shape: tuple | None = None) -> np.ndarray:
             if shape is None:
                 shape = tuple(proto.dims)
             # a 1-D tensor of the right length needs no reshape (a third of the decode of a small tensor)
+            # (read-only already: a view of immutable bytes)
             return arr if len(shape) == 1 and arr.shape == shape else arr.reshape(shape)
-    return numpy_helper.to_array(proto)
+    arr = numpy_helper.to_array(proto)
+    arr.setflags(write=False)
+    return arr
 
 
 def constant_node_array(node: Node) -> np.ndarray | None:
