@@ -136,13 +136,9 @@ class CompileResult:
     def ok(self) -> bool:
         return self.verification.status != "failed"
 
-    def save(self, path: str | os.PathLike, *, as_checked: bool = False) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the ONNX output atomically (temporary file, then rename; nothing left on failure).
         A ``torch`` target is written with ``torch.save`` (load it with ``ir.torch_backend.load_module``).
-
-        ``as_checked=True`` writes the serialization :func:`compile` made of :attr:`proto` to run
-        ``onnx.checker`` on it, instead of serializing again; only for a ``proto`` not edited
-        since (``graft compile`` uses it).
 
         Raises:
             CompileError: there is no output to save.
@@ -157,11 +153,19 @@ class CompileResult:
                                f"saved as .onnx (use target='onnx')")
         from ir.onnx_io import save_proto
 
-        checked = getattr(self, "_checked", None) if as_checked else None
-        if checked is not None and checked[0] is self.proto and checked[1] is not None:
+        save_proto(self.proto, path)
+
+    def _save_as_checked(self, path: str | os.PathLike) -> None:
+        """:meth:`save`, writing the serialization :func:`compile` made of :attr:`proto` for
+        ``onnx.checker`` instead of serializing again. For ``graft compile``, which never edits
+        the proto in between (an edit made after compile would not be written)."""
+        checked = getattr(self, "_checked", None)
+        if self.module is None and checked is not None and checked[0] is self.proto and checked[1] is not None:
+            from ir.onnx_io import save_proto
+
             save_proto(self.proto, path, data=checked[1])
         else:
-            save_proto(self.proto, path)
+            self.save(path)
 
     def report(self, width: int = 100) -> str:
         """The short rich-rendered summary (see :mod:`compiler.report`)."""
@@ -396,7 +400,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     timings["check"] = time.perf_counter() - t
     if target == "onnx":
         result.proto = out_proto
-        result._checked = (out_proto, out_bytes)  # save(as_checked=True) writes these bytes
+        result._checked = (out_proto, out_bytes)  # what _save_as_checked writes
     else:
         result.module = _torch_entry("to_torch")(model)
         if result.prune is not None and result.prune.config_updates and hasattr(torch_module, "config"):

@@ -218,7 +218,7 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         fail(f"{label}: internal error {type(e).__name__}: {e} (rerun with GRAFT_DEBUG=1 for the traceback "
              f"and report it)")
     try:
-        result.save(out, as_checked=True)
+        result._save_as_checked(out)  # the bytes onnx.checker checked: no second serialization
     except OSError as e:
         fail(f"{output}: cannot write ({e.strerror or e}); check the directory exists and is writable")
     if not quiet:

@@ -43,6 +43,21 @@ def test_compile_writes_output_and_prints_summary(small_path, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
 
 
+def test_cli_writes_the_bytes_the_api_saves(small_path, tmp_path):
+    """`graft compile` writes the serialization onnx.checker checked; it must equal a fresh save."""
+    from compiler import compile as graft_compile
+
+    out = tmp_path / "cli.onnx"
+    r = invoke("compile", small_path, "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    res = graft_compile(str(small_path))
+    res.save(tmp_path / "api.onnx")
+    assert out.read_bytes() == (tmp_path / "api.onnx").read_bytes()
+    res.proto.graph.node[0].name = "edited"  # save() serializes the proto as it is now
+    res.save(tmp_path / "edited.onnx")
+    assert onnx.load(str(tmp_path / "edited.onnx")).graph.node[0].name == "edited"
+
+
 def test_compile_zoo_name_with_example_rule(tmp_path):
     out = tmp_path / "cls.onnx"
     r = invoke("compile", "ppocr-cls", "-o", out, "--rules", EXAMPLE_RULE, "-q")
