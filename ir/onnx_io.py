@@ -526,15 +526,20 @@ def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     try:
         data = path.read_bytes()
         proto = onnx.load_model_from_string(data)
-        # Every external tensor names its file under the key "location" (ONNX external data spec):
-        # bytes without that word have none, and onnx.load's walk over every tensor and attribute
-        # (~30 ms at 10k nodes) is skipped
-        if b"location" in data:
-            del data
-            onnx.load_external_data_for_model(proto, str(path.parent))
     except Exception as e:  # protobuf raises DecodeError, RuntimeError, ... by version
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e}). "
                              f"Is the file truncated or of another format?") from None
+    # Every external tensor names its file under the key "location" (ONNX external data spec):
+    # bytes without that word have none, and onnx.load's walk over every tensor and attribute
+    # (~30 ms at 10k nodes) is skipped
+    if b"location" in data:
+        del data
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as e:  # ValidationError, OSError, ... by onnx version
+            why = " ".join(str(e).split())[:400] or type(e).__name__
+            raise ModelLoadError(f"{path}: cannot read its external data ({why}); the data files must "
+                                 f"stay where the model's tensors say, relative to the model's folder") from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise ModelLoadError(f"{path}: parsed, but holds no ONNX graph (is it an ONNX model file?)")
     if check:

@@ -278,4 +278,6 @@ def _is_console_script() -> bool:
     if getattr(entry, "main", None) is not cli.main or \
             os.path.basename(getattr(entry, "__file__", None) or "").removesuffix(".exe") != "graft":
         return False
-    return sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__
+    # a closed stream (`graft ... >&-`) is None in both places: return normally then
+    return sys.stdout is not None and sys.stderr is not None and \
+        sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__

@@ -202,6 +202,11 @@ def test_console_script_in_a_real_process(tmp_path):
                         capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "wrote" in ok.stdout and (tmp_path / "o.onnx").exists()
+    for closed in (">&-", "2>&-"):  # a closed standard stream is not an error (Python sets it to None)
+        quiet = subprocess.run(["bash", "-c", f'"$0" compile "$1" -o "$2" -q {closed}', str(graft), str(small),
+                                str(tmp_path / "c.onnx")], capture_output=closed == "2>&-", env=env, timeout=120)
+        assert quiet.returncode == 0, quiet
+        onnx.checker.check_model(onnx.load(str(tmp_path / "c.onnx")), full_check=True)
     bad = subprocess.run([str(graft), "compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "x.onnx")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("graft: error: ")

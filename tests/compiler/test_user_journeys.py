@@ -124,6 +124,17 @@ def test_output_may_not_be_the_inputs_external_data(tmp_path):
     assert r.exit_code == 0, r.stderr
 
 
+def test_missing_external_data_file_is_named(tmp_path):
+    d = tmp_path / "ext"
+    d.mkdir()
+    onnx.save_model(conv_bn_model(), str(d / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    (d / "m.onnx.data").unlink()
+    line = one_line_error(invoke("compile", d / "m.onnx", "-o", tmp_path / "o.onnx"),
+                          "cannot read its external data")
+    assert "m.onnx.data" in line and not (tmp_path / "o.onnx").exists()
+
+
 def test_output_under_a_file_fails_before_compiling(small_path, tmp_path):
     line = one_line_error(invoke("compile", small_path, "-o", small_path / "sub" / "o.onnx"),
                           "is a file, not a folder")
