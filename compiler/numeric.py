@@ -99,15 +99,18 @@ def agreement(a: np.ndarray, b: np.ndarray, name: str = "") -> OutputAgreement:
         return OutputAgreement(name, float("inf"), float("inf"), 0.0, tuple(np.shape(b)))
     if a64.size == 0:
         return OutputAgreement(name, 0.0, 0.0, 1.0, tuple(np.shape(a)))
-    diff = np.abs(a64 - b64)
-    finite = np.isfinite(a64) & np.isfinite(b64)
-    same_nonfinite = ~finite & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
-    diff = np.where(same_nonfinite, 0.0, diff)
-    max_abs = float(np.max(diff))
-    max_rel = float(np.max(diff / np.maximum(np.abs(a64), 1e-12)))
-    af, bf = a64[finite], b64[finite]
-    na, nb = np.linalg.norm(af), np.linalg.norm(bf)
-    cos = 1.0 if na == 0 and nb == 0 else float(np.dot(af, bf) / max(na * nb, 1e-300))
+    # inf - inf and the like are expected here (matching non-finite outputs are set to 0 below):
+    # no RuntimeWarning on the user's terminal
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(a64 - b64)
+        finite = np.isfinite(a64) & np.isfinite(b64)
+        same_nonfinite = ~finite & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
+        diff = np.where(same_nonfinite, 0.0, diff)
+        max_abs = float(np.max(diff))
+        max_rel = float(np.max(diff / np.maximum(np.abs(a64), 1e-12)))
+        af, bf = a64[finite], b64[finite]
+        na, nb = np.linalg.norm(af), np.linalg.norm(bf)
+        cos = 1.0 if na == 0 and nb == 0 else float(np.dot(af, bf) / max(na * nb, 1e-300))
     return OutputAgreement(name, max_abs, max_rel, cos, tuple(np.shape(a)))
 
 

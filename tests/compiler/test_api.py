@@ -118,6 +118,26 @@ def test_symbolic_dims_get_sizes():
     assert r.verification.inputs == {"x": (2, 7, 4), "z": (2, 4)}
 
 
+def test_half_precision_output_gets_a_roundoff_tolerance():
+    """An fp16 model whose BN folds rounds once where the input rounded twice: the default atol (1e-4)
+    is raised to 8 fp16 roundoffs at the outputs' magnitude; an fp32 model keeps 1e-4."""
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float16[1, 3, 8, 8] x) => (float16[1, 16, 8, 8] y) {
+            c = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w)
+            y = BatchNormalization (c, gamma, beta, mean, var)
+        }""")
+    rng = np.random.default_rng(3)
+    for name, shape in (("w", (16, 3, 3, 3)), ("gamma", (16,)), ("beta", (16,)), ("mean", (16,)), ("var", (16,))):
+        arr = rng.uniform(0.5, 2.0, shape) if name in ("gamma", "var") else rng.normal(size=shape) * 2
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(arr.astype(np.float16), name))
+    res = compile(proto)
+    v = res.verification
+    assert v.status == "passed" and res.counts["fold_batchnorm_into_conv"] == 1
+    assert 1e-4 < v.atol < 1.0  # 8 * 2**-11 * max|y|
+    assert all(o.max_abs <= v.atol for o in v.outputs)
+    assert compile(conv_bn_model()).verification.atol == 1e-4
+
+
 def test_model_stats_counts_constant_nodes():
     proto = parse_model("""<ir_version: 10, opset_import: ["" : 17]>
     g (float[3] x) => (float[3] y) {
