@@ -77,7 +77,8 @@ def _quantize_errors() -> tuple:
               help="Skip the numeric comparison with the input model (structural checks still run: "
                    "ir.verify and onnx.checker, without full_check's strict shape inference).")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Largest absolute output difference accepted.")
+              help="Largest absolute output difference accepted (float16/bfloat16 outputs: at least 8 "
+                   "roundoffs at the output's magnitude).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
               help="Size of a named symbolic input dim for verification (repeatable).")
 @click.option("--prune", "prune_ratio", type=float, metavar="RATIO",
