@@ -298,7 +298,10 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             ``ir.verify`` and ``onnx.checker``, with full_check (strict shape inference on the output)
             when ``verify`` is true, without it when false (the pipeline's own shape inference still
             ran; on a 10k-node model full_check costs 0.03–0.14 s more than the plain checker).
-        atol, rtol: an output passes when its max abs error <= atol or max rel error <= rtol.
+        atol, rtol: an output passes when its max abs error <= atol or max rel error <= rtol. For
+            float16/bfloat16 outputs atol is raised to 8 units of roundoff (2**-11, 2**-8) times
+            the largest finite output magnitude (at least 1); ``result.verification.atol`` says
+            what was used.
         dim_sizes: sizes for named symbolic input dims (``dim_param``), e.g. ``{"batch": 1, "seq": 128}``.
             A name no graph input has is ignored with a note in ``result.notes`` (:func:`unknown_dims`).
         seed: seed of the generated inputs.
