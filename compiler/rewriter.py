@@ -344,8 +344,11 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
             return None
     # Commit: constants, then nodes before the root, in creation order.
     replaced = ",".join(n.name or n.outputs[0].name for n in m.nodes)
+    # (the Builder took every name below from the model's name scope: nothing to claim again)
+    inits = graph.initializers
     for c in op.consts:
-        graph.add_initializer(c)
+        c.graph = graph
+        inits[c.name] = c
         # initializers carry provenance too (TensorProto.metadata_props): a rule that only makes
         # constants (constant_to_initializer, constant folding) still says what it replaced
         c.meta[PROVENANCE_RULE] = rule.name
@@ -353,7 +356,7 @@ def apply(rule: Rule, m: Match, on_rewrite: Callable | None = None):
     anchor = m.roots[0]
     source = [k for k in SOURCE_META if k in anchor.meta]
     for n in op.nodes:
-        graph.insert_before(anchor, n)
+        graph._link(n, anchor, names_claimed=True)
         n.meta[PROVENANCE_RULE] = rule.name
         n.meta[PROVENANCE_REPLACED] = replaced
         for k in source:  # where in the user's model this came from (diffs, reports, torch output)

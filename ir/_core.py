@@ -402,7 +402,7 @@ class Graph:
     def nodes(self) -> list[Node]:
         return list(self)
 
-    def _link(self, node: Node, before: Node | None) -> None:
+    def _link(self, node: Node, before: Node | None, names_claimed: bool = False) -> None:
         if node.graph is not None:
             raise IRError(f"{node!r} already belongs to graph {node.graph.name!r}")
         node.graph = self
@@ -419,6 +419,10 @@ class Graph:
             before._prev = node
         node._order = next(self._order_counter)
         self._count += 1
+        if names_claimed:  # the rewriter's Builder took node and output names from the name scope
+            for o in node.outputs:
+                o.graph = self
+            return
         names = self._names()
         if not node.name and not getattr(self, "_importing", False):
             node.name = names.fresh(node.op_type)
