@@ -222,19 +222,37 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         result._save_as_checked(out)  # the bytes onnx.checker checked: no second serialization
     except OSError as e:
         fail(f"{output}: cannot write ({e.strerror or e}); check the directory exists and is writable")
-    if not quiet:
-        from compiler.report import render
+    try:
+        if not quiet:
+            from compiler.report import render
 
-        render(result)
-        if result.quantization is not None:
-            click.echo(result.quantization.summary())
-        click.echo(f"wrote {output}")
-    else:
-        from compiler.report import warnings
+            render(result)
+            if result.quantization is not None:
+                click.echo(result.quantization.summary())
+            click.echo(f"wrote {output}")
+        else:
+            from compiler.report import warnings
 
-        for w in warnings(result):
-            click.echo(f"graft: warning: {w}", err=True)
+            for w in warnings(result):
+                click.echo(f"graft: warning: {w}", err=True)
+    except BrokenPipeError:  # `graft compile ... | head`: the reader left. Exit 1 quietly, as rich and
+        _silence_stdout()     # click do on a broken pipe; the output file is already written
+        raise SystemExit(1) from None
+    except OSError as e:  # e.g. stdout on a full disk
+        _silence_stdout()
+        fail(f"wrote {output}, but could not print the summary ({e.strerror or e})")
     _exit_now_if_console_script()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a dead stream raises nothing."""
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (CliRunner): nothing to flush
+        pass
 
 
 def _exit_now_if_console_script() -> None:

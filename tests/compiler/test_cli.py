@@ -207,6 +207,18 @@ def test_console_script_in_a_real_process(tmp_path):
                                 str(tmp_path / "c.onnx")], capture_output=closed == "2>&-", env=env, timeout=120)
         assert quiet.returncode == 0, quiet
         onnx.checker.check_model(onnx.load(str(tmp_path / "c.onnx")), full_check=True)
+    # stdout that cannot take the summary: a reader that left (exit 1 without a word, as rich and click
+    # do on a broken pipe; the file is written) or a full disk (one line)
+    gone = subprocess.run(["bash", "-c", '"$0" compile "$1" -o "$2" | true; exit ${PIPESTATUS[0]}', str(graft),
+                           str(small), str(tmp_path / "gone.onnx")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert gone.returncode == 1 and gone.stderr == "" and (tmp_path / "gone.onnx").exists(), gone
+    if os.path.exists("/dev/full"):
+        full = subprocess.run(["bash", "-c", '"$0" compile "$1" -o "$2" > /dev/full', str(graft), str(small),
+                               str(tmp_path / "full.onnx")], capture_output=True, text=True, env=env, timeout=120)
+        assert full.returncode == 1 and full.stderr.count("\n") == 1, full
+        assert "could not print the summary (No space left on device)" in full.stderr
+        assert (tmp_path / "full.onnx").exists()
     bad = subprocess.run([str(graft), "compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "x.onnx")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("graft: error: ")
