@@ -281,7 +281,7 @@ def explain_escape(m: Match) -> Failure | None:
     """A Failure if a matched non-root node's output is read outside the match."""
     if len(m.nodes) == len(m.roots):  # every matched node is a root: nothing can escape
         return None
-    inside = set(m.nodes)
+    inside = m.nodes if len(m.nodes) <= 4 else set(m.nodes)  # a short tuple is searched faster than a set is built
     roots = m.roots
     for n in m.nodes:
         if n in roots:

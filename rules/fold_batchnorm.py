@@ -155,13 +155,14 @@ def _bn_check(m, channels: int):
                       f"per-channel statistics fold into weights", bn)
     _const(m, var)  # reads all six operands once
     consts = m.__dict__["_consts"]
+    want = (channels,)
     for label, v, long_label in _STATS_LABELED:
         arr = consts[v]
         if arr is None or not _FLOAT_DTYPES.get(arr.dtype):
             bad = _need_const(m, v, long_label, bn)
             if bad is not None:
                 return bad
-        if arr.shape != (channels,):
+        if arr.shape != want:
             return m.fail(f"BatchNormalization {bn.name!r} {label} has shape {list(arr.shape)}, expected "
                           f"[{channels}] (one entry per output channel of the op it follows)", bn)
     denom = np.add(_f64(_const(m, var)), np.float64(bn.attrs.get("epsilon", 1e-5)))  # float64, one op
