@@ -21,6 +21,7 @@ kept in ``model.meta["graft.shape_inference_error"]``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import warnings
@@ -29,7 +30,7 @@ import onnx
 from onnx import helper
 
 from ir import Graph, Model
-from ir.dtypes import DataType
+from ir.dtypes import DataType, dtype_of
 from ir.onnx_io import PROTOBUF_LIMIT, to_onnx
 
 # Initializers larger than this (bytes) go to inference as typed inputs without data.
@@ -144,18 +145,8 @@ def strip_large_initializers(gp: onnx.GraphProto, *, keep_integer: bool = False)
         gp.initializer.extend(keep)
 
 
+@functools.cache  # asked once per initializer
 def _itemsize(data_type: int) -> int | None:
-    try:
-        return _ITEMSIZE[data_type]
-    except KeyError:
-        size = _ITEMSIZE[data_type] = _itemsize_of(data_type)
-        return size
-
-
-_ITEMSIZE: dict[int, int | None] = {}
-
-
-def _itemsize_of(data_type: int) -> int | None:
     try:
         dt = DataType(data_type)
         if dt == DataType.STRING:
@@ -238,17 +229,10 @@ def _copy_back(graph: Graph, gp: onnx.GraphProto) -> int:
     return typed
 
 
-_DTYPE_OF: dict[int, DataType] = {}
-
-
 def _decode(tt) -> tuple[DataType | None, tuple | None]:
     """(dtype, dims) of a ``TypeProto.Tensor``: dims are ints, symbolic names or None (unknown)."""
     et = tt.elem_type
-    dtype = None
-    if et:
-        dtype = _DTYPE_OF.get(et)  # the enum call costs ~0.5 µs
-        if dtype is None:
-            dtype = _DTYPE_OF[et] = DataType(et)
+    dtype = dtype_of(et) if et else None
     if not tt.HasField("shape"):
         return dtype, None
     new = []

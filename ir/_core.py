@@ -17,10 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ir.dtypes import DataType
-
-
-_DATA_TYPES: dict[int, DataType] = {int(t): t for t in DataType}
+from ir.dtypes import DataType, dtype_of
 
 
 class IRError(ValueError):
@@ -55,8 +52,7 @@ class Tensor:
             self.dtype = dtype if dtype is not None else DataType.from_numpy(array.dtype)
             self.shape = array.shape  # a tuple of Python ints already
         else:
-            dt = _DATA_TYPES.get(proto.data_type)  # plain lookup: the enum call costs ~1 µs per tensor
-            self.dtype = dt if dt is not None else DataType(proto.data_type)
+            self.dtype = dtype_of(proto.data_type)
             self.shape = tuple(proto.dims)  # protobuf gives Python ints
 
     @property
@@ -419,9 +415,9 @@ class Graph:
             before._prev = node
         node._order = next(self._order_counter)
         self._count += 1
+        for o in node.outputs:
+            o.graph = self
         if names_claimed:  # the rewriter's Builder took node and output names from the name scope
-            for o in node.outputs:
-                o.graph = self
             return
         names = self._names()
         if not node.name and not getattr(self, "_importing", False):
@@ -429,7 +425,6 @@ class Graph:
         else:
             names.claim(node.name)
         for o in node.outputs:
-            o.graph = self
             names.claim(o.name)
 
     def append(self, node: Node) -> Node:

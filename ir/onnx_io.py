@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from ir._core import Graph, IRError, Model, Node, Tensor, Value
 from ir._gc import gc_paused
-from ir.dtypes import DataType
+from ir.dtypes import DataType, dtype_of
 
 # ONNX protobuf cannot serialize more than 2 GiB in one message.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -127,7 +127,7 @@ def _read_type(tp) -> tuple[DataType | None, tuple | None]:
     if not tp.HasField("tensor_type"):
         return None, None
     tt = tp.tensor_type
-    dtype = DataType(tt.elem_type) if tt.elem_type else None
+    dtype = dtype_of(tt.elem_type) if tt.elem_type else None
     if not tt.HasField("shape"):
         return dtype, None
     dims = []

@@ -153,30 +153,32 @@ def _bn_check(m, channels: int):
     if not bn.attrs.get("spatial", 1):
         return m.fail(f"BatchNormalization {bn.name!r} has spatial=0 (per-activation statistics); only "
                       f"per-channel statistics fold into weights", bn)
-    _const(m, var)  # reads all six operands once
-    consts = m.__dict__["_consts"]
     want = (channels,)
     for label, v, long_label in _STATS_LABELED:
-        arr = consts[v]
-        if arr is None or not _FLOAT_DTYPES.get(arr.dtype):
-            bad = _need_const(m, v, long_label, bn)
-            if bad is not None:
-                return bad
+        bad = _need_const(m, v, long_label, bn)
+        if bad is not None:
+            return bad
+        arr = _const(m, v)
         if arr.shape != want:
             return m.fail(f"BatchNormalization {bn.name!r} {label} has shape {list(arr.shape)}, expected "
                           f"[{channels}] (one entry per output channel of the op it follows)", bn)
-    denom = np.add(_f64(_const(m, var)), np.float64(bn.attrs.get("epsilon", 1e-5)))  # float64, one op
+    denom = _var_plus_eps(m)
     if denom.size and np.minimum.reduce(denom) <= 0:  # half the cost of (denom <= 0).any(); NaN passes in both
         return m.fail(f"BatchNormalization {bn.name!r} has var + epsilon <= 0 for some channel", bn)
     m.__dict__["_denom"] = denom  # the replacement's _scale reuses it
     return None
 
 
+def _var_plus_eps(m):
+    """``var + epsilon`` in float64 (one op: numpy promotes the statistics itself)."""
+    return np.add(_f64(_const(m, var)), np.float64(m.bn.attrs.get("epsilon", 1e-5)))
+
+
 def _scale(m):
     """(s, shift) in float64: y = x * s + shift per channel."""
     denom = m.__dict__.pop("_denom", None)  # the check's var + epsilon, ours to change
     if denom is None:
-        denom = np.add(_f64(_const(m, var)), np.float64(m.bn.attrs.get("epsilon", 1e-5)))
+        denom = _var_plus_eps(m)
     s = np.divide(_f64(_const(m, gamma)), np.sqrt(denom, out=denom))  # float64: gamma / sqrt(var + eps)
     shift = _f64(_const(m, mean)) * s
     np.subtract(_f64(_const(m, beta)), shift, out=shift)
