@@ -12,7 +12,7 @@ the torch path, captured with ``ir.from_torch``.
 Per model and tool:
 
 - MACs and parameters before → after, counted the same way for every row (graft's counter,
-  ``compiler.pruning.macs``, on the ONNX export — ``torch.onnx.export(dynamo=False)``, BatchNormalization
+  ``graft.compiler.techniques.pruning.macs``, on the ONNX export — ``torch.onnx.export(dynamo=False)``, BatchNormalization
   folded by the exporter — of the pruned model, batch 1; for ``graft (torch)`` the pruned
   GraphModule is exported), plus each tool's own count for reference (``tool_macs`` in the JSON:
   Torch-Pruning's ``count_ops_and_params``, graft's report on the captured IR);
@@ -109,15 +109,15 @@ def export(module, args, path):
 
 
 def count(path) -> tuple[int, int]:
-    import ir
-    from compiler.pruning.macs import layer_costs, total_params
+    from graft import ir
+    from graft.compiler.techniques.pruning.macs import layer_costs, total_params
 
     m = ir.load(path)
     return sum(r.macs for r in layer_costs(m)), total_params(m)
 
 
 def run_onnx(path, args):
-    from compiler import numeric
+    from graft.compiler.techniques import numeric
 
     return next(iter(numeric.run(path, {n: a.numpy() for n, a in zip(_names(args), args)}).values()))
 
@@ -151,9 +151,9 @@ def attention_heads(module, cfg):
 def run_graft(name, module, args, cfg, ratio, tmp) -> list[Row]:
     import onnx
 
-    import ir
-    from compiler.pruning import PruneConfig, prune
-    from compiler.pruning.torch_path import prune_torch
+    from graft import ir
+    from graft.compiler.techniques.pruning import PruneConfig, prune
+    from graft.compiler.techniques.pruning.torch_path import prune_torch
 
     rows = []
     src = export(module, args, Path(tmp) / f"{name}.onnx")

@@ -5,11 +5,11 @@ For each model, the same float model and the same calibration data go to every q
 - ``ort quantize_dynamic`` (per tensor and per channel, int8 weights) and ``ort quantize_static``
   (QDQ, per tensor and per channel, MinMax, uint8 activations, int8 weights) from
   ``onnxruntime.quantization``;
-- graft: ``compiler.quantization.quantize`` in its formats (static per channel / per tensor,
+- graft: ``graft.compiler.techniques.quantization.quantize`` in its formats (static per channel / per tensor,
   dynamic, dynamic with outlier channel splitting) and ``auto``. On MiniLM also graft dynamic
   with ``ort_cpu_forms=False`` (residual Adds left as Add, so onnxruntime fuses them into its
   SkipLayerNormalization kernel, ~5x slower than Add + LayerNormalization here): the row shows
-  what :mod:`rules.quantize_ort` is worth.
+  what :mod:`graft.rules.quantize_ort` is worth.
 
 Every graft decision (which activations get their outlier channels split, the split threshold)
 is made from the calibration sentences only; the held-out sentences are used only here, to measure.
@@ -113,7 +113,7 @@ def ort_quantizers(src: str, calib: list[dict], d: str, static: bool = True) -> 
 
 
 def graft_quantizers(src: str, calib: list[dict], d: str, modes: dict[str, dict]) -> dict[str, str]:
-    from compiler.quantization import quantize
+    from graft.compiler.techniques.quantization import quantize
 
     out = {}
     for label, kw in modes.items():
@@ -141,7 +141,7 @@ def table(title: str, rows: list[tuple], header: tuple) -> str:
 def bench_minilm(rounds: int) -> str:
     from sentence_data import embedding_cosine, feeds, sentences
 
-    from compiler import zoo
+    from graft.ir import zoo
 
     src = str(zoo.minilm_onnx())
     calib_s, held_s = sentences()
@@ -204,7 +204,7 @@ def bench_ppocr_cls(rounds: int) -> str:
     from onnx import version_converter
     from text_lines import render_text_lines
 
-    from compiler import zoo
+    from graft.ir import zoo
 
     x, labels = render_text_lines(264, seed=0)
     calib = [{"x": x[i:i + 1]} for i in range(64)]

@@ -13,7 +13,7 @@ wall time:
 - ``graft µs/node``: the rewrite phase alone (``compiler.rewrite`` with every built-in
   rule, ``rules.all_rules()``) on an IR model already in memory, divided by the
   node count before rewriting.
-- ``graft µs/node (BN rules)``: the same with only ``rules.fold_batchnorm`` (its five
+- ``graft µs/node (BN rules)``: the same with only ``graft.rules.fold_batchnorm`` (its five
   BatchNormalization folds), the like-for-like comparison with onnxscript.
 - ``onnxscript µs/node``: ``RewriteRuleSet.apply_to_model`` with onnxscript's three
   BatchNormalization fusion rules, on an ``onnx_ir`` model already in memory.
@@ -132,7 +132,7 @@ def builtin_rules() -> tuple[list, list[str]]:
     ``rules.all_rules()`` when all of ``rules.RULE_MODULES`` import; otherwise the
     rules of the modules that do, so the benchmark runs while modules are in progress.
     """
-    import rules
+    from graft import rules
 
     found, missing = [], []
     for mod in rules.RULE_MODULES:
@@ -191,8 +191,8 @@ class _Clock:
 
 
 def time_graft_rewrite(proto: onnx.ModelProto, rule_list, repeat: int) -> tuple[Seconds, dict]:
-    import ir
-    from compiler import RuleSet, rewrite
+    from graft import ir
+    from graft.compiler import RuleSet, rewrite
 
     ruleset = RuleSet(rule_list)
 
@@ -230,13 +230,13 @@ def _compile_in_process(src: Path, dst: Path, rule_list) -> tuple[str, dict]:
         (a label of the path taken, wall seconds per phase: load, the pipeline's passes
         summed by kind, check, save; empty when the compile layer does not exist yet)."""
     try:
-        from compiler.api import compile as graft_compile
+        from graft.compiler.driver.api import compile as graft_compile
     except ImportError:
         graft_compile = None
     if graft_compile is None:
         # The compile layer is not written yet: load → rewrite with all rules → save stands in for it.
-        import ir
-        from compiler import rewrite
+        from graft import ir
+        from graft.compiler import rewrite
 
         model = ir.load(src)
         rewrite(model, rule_list)
@@ -327,9 +327,9 @@ def time_processes(src: Path, workdir: Path, graft: Path | None, repeat: int) ->
 
 
 def startup_times(graft: Path | None, repeat: int = 5) -> dict:
-    """Seconds for ``python -c pass``, ``python -c 'import compiler.cli'`` and ``graft --help``,
+    """Seconds for ``python -c pass``, ``python -c 'import graft.compiler.driver.cli'`` and ``graft --help``,
     and whether importing the CLI imports torch."""
-    probe = "import sys, compiler.cli; print('torch' in sys.modules)"
+    probe = "import sys, graft.compiler.driver.cli; print('torch' in sys.modules)"
     t_imp, proc = _best(lambda: _run([sys.executable, "-c", probe]), repeat)
     res = {"python_bare": _best(lambda: _run([sys.executable, "-c", "pass"]), repeat)[0],
            "import_cli": t_imp if proc.returncode == 0 else None,
@@ -431,7 +431,7 @@ def print_report(report: dict) -> None:
     console.print(tt)
     s = report.get("startup") or {}
     sec = lambda x: "n/a" if x is None else f"{x.wall:.3f} s"  # noqa: E731
-    console.print(f"start-up: python -c pass {sec(s.get('python_bare'))}, python -c 'import compiler.cli' "
+    console.print(f"start-up: python -c pass {sec(s.get('python_bare'))}, python -c 'import graft.compiler.driver.cli' "
                   f"{sec(s.get('import_cli'))} (imports torch: {s.get('cli_imports_torch')}), "
                   f"graft --help {sec(s.get('graft_help'))}")
     console.print(f"graft rules: {report['rule_count']} from {', '.join(report['rule_modules'])}"
@@ -459,7 +459,7 @@ def _jsonable(x):
 def run(sizes: list[int], repeat: int, repeat_large: int, processes: bool, channels: int) -> dict:
     rule_list, missing = builtin_rules()
     # the like-for-like comparison with onnxscript's three BN fusions: graft's BN-folding rules alone
-    bn_rules = [r for r in rule_list if r.replacement.__module__ == "rules.fold_batchnorm"]
+    bn_rules = [r for r in rule_list if r.replacement.__module__ == "graft.rules.fold_batchnorm"]
     graft = graft_executable() if processes else None
     report = {"machine": machine_description(), "rule_count": len(rule_list),
               "rule_modules": sorted({r.replacement.__module__ for r in rule_list}),

@@ -17,10 +17,11 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ lives in the repository root
 
-import ir  # noqa: E402
-from compiler import compile, zoo  # noqa: E402
+from graft import ir  # noqa: E402
+from graft.compiler import compile  # noqa: E402
+from graft.ir import zoo  # noqa: E402
 from examples.torch_models import mobilenetv3_style, resnet_style  # noqa: E402
-from rules.lower_aten_pipeline import lower  # noqa: E402
+from graft.rules.lower_aten_pipeline import lower  # noqa: E402
 
 
 def models(base: bool):

@@ -1,34 +1,45 @@
-"""graft compiler: the pattern language, rules, the rewriter, passes and pipelines.
+"""graft.compiler: the rewrite engine, the compression techniques and the compile driver.
 
-Public rule API (what a rule file imports)::
+Writing a rule (the engine's public API, re-exported here)::
 
-    from compiler import op, Var, Const, Attr, Rule, RuleSet, variables
+    from graft.compiler import op, Var, Const, Attr, Rule, RuleSet, variables
 
-Running rules::
+Running rules and compiling::
 
-    from compiler import rewrite, compile
+    from graft.compiler import rewrite, compile
     result = rewrite(model, [my_rule])          # in place, to a fixed point
     out = compile("model.onnx", pipeline="optimize")
+
+Sub-packages, one per layer (``ARCHITECTURE.md`` has the map):
+:mod:`graft.compiler.engine` → :mod:`graft.rules` → :mod:`graft.compiler.techniques`
+→ :mod:`graft.compiler.driver`.
 """
-from compiler.match import Failure, Match
-from compiler.pattern import Attr, Const, PatternError, Var, op, variables
-from compiler.rewriter import (PROVENANCE_REPLACED, PROVENANCE_RULE, RewriteResult, Rewriter, RuleError,
-                               StopReason, explain, rewrite)
-from compiler.rule import Rule, RuleDefinitionError, RuleSet
+from importlib import import_module
+
+from graft.compiler.engine import (PROVENANCE_REPLACED, PROVENANCE_RULE, Attr, Const, Failure, FunctionPass, Match,
+                                   Pass, PassResult, PatternError, Pipeline, RewritePass, RewriteResult, Rewriter,
+                                   Rule, RuleDefinitionError, RuleError, RuleSet, StopReason, Var, explain, op,
+                                   rewrite, variables)
+
+# Names from the layers above the engine, loaded on first use: the driver pulls in the
+# rules, the techniques and onnxruntime, and the rules import the engine through this package.
+_LAZY = {
+    "compile": "graft.compiler.driver.api",
+    "CompileResult": "graft.compiler.driver.api",
+    "get_pipeline": "graft.rules.pipelines",
+    "register_pipeline": "graft.rules.pipelines",
+    "unregister_pipeline": "graft.rules.pipelines",
+    "pipeline_names": "graft.rules.pipelines",
+}
 
 
 def __getattr__(name):
-    # the pipeline/compile layer pulls in rules/ and onnxruntime: load on first use
-    if name in ("compile", "CompileResult"):
-        import compiler.api as _api
-        return getattr(_api, name)
-    if name in ("Pass", "PassResult", "Pipeline", "RewritePass", "FunctionPass", "get_pipeline",
-                "register_pipeline", "pipeline_names"):
-        import compiler.passes as _p
-        return getattr(_p, name)
-    raise AttributeError(f"module 'compiler' has no attribute {name!r}")
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'graft.compiler' has no attribute {name!r}")
 
 
-__all__ = ["Attr", "Const", "Failure", "Match", "PatternError", "Rule", "RuleDefinitionError", "RuleError",
-           "RuleSet", "Rewriter", "RewriteResult", "StopReason", "Var", "explain", "op", "rewrite", "variables",
-           "compile", "PROVENANCE_RULE", "PROVENANCE_REPLACED"]
+__all__ = ["Attr", "Const", "Failure", "FunctionPass", "Match", "Pass", "PassResult", "PatternError", "Pipeline",
+           "PROVENANCE_REPLACED", "PROVENANCE_RULE", "RewritePass", "RewriteResult", "Rewriter", "Rule",
+           "RuleDefinitionError", "RuleError", "RuleSet", "StopReason", "explain", "op", "rewrite", "variables",
+           *_LAZY]

@@ -8,8 +8,8 @@ nothing is downloaded.
 """
 import sys
 
-from compiler import compile
-from compiler.report import render
+from graft.compiler import compile
+from graft.compiler.driver.report import render
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """A user rule: Div(x, c) = Mul(x, 1/c). Use: graft compile m.onnx -o out.onnx --rules examples/custom_rule.py"""
 import numpy as np
 
-from compiler import Const, Rule, Var, op
+from graft.compiler import Const, Rule, Var, op
 
 x, c = Var("x"), Const("c", where=lambda a: a.dtype.kind == "f" and bool(np.all(a != 0)))
 

@@ -94,7 +94,7 @@ def make_digits_model(directory: str, seed: int = 0, epochs: int = 30):
 
 def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from compiler.quantization import quantize
+    from graft.compiler.techniques.quantization import quantize
 
     with tempfile.TemporaryDirectory() as d:
         path, x_tr, y_tr, x_te, y_te = make_digits_model(d)

@@ -26,7 +26,7 @@ def feeds(texts: list[str]) -> list[dict[str, np.ndarray]]:
     """One feed per sentence: ``input_ids`` and ``attention_mask``, int64 (1, seq)."""
     from transformers import AutoTokenizer
 
-    from compiler import zoo
+    from graft.ir import zoo
 
     tok = AutoTokenizer.from_pretrained(str(zoo.minilm_dir()))
     out = []
@@ -44,7 +44,7 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def embedding_cosine(float_outs, quant_outs, feed) -> float:
-    """Per-sample metric for :func:`compiler.quantization.quantize`: cosine of the pooled embeddings."""
+    """Per-sample metric for :func:`graft.compiler.techniques.quantization.quantize`: cosine of the pooled embeddings."""
     a = mean_pool(float_outs[0], feed["attention_mask"])
     b = mean_pool(quant_outs[0], feed["attention_mask"])
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

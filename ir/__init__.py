@@ -8,27 +8,27 @@ Public API:
     to_networkx(graph) — a networkx.MultiDiGraph view.
     from_torch / to_torch — torch frontend/backend (imported lazily; need torch).
 """
-from ir._core import Graph, IRError, Model, Node, Tensor, Value
-from ir.dtypes import DataType
-from ir.onnx_io import ModelLoadError, from_onnx, load, save, to_onnx
+from graft.ir._core import Graph, IRError, Model, Node, Tensor, Value
+from graft.ir.dtypes import DataType
+from graft.ir.onnx_io import ModelLoadError, from_onnx, load, save, to_onnx
 
 
 def __getattr__(name):
     # torch is heavy: only pull it in when a torch path is used.
     if name == "from_torch":
-        from ir.torch_frontend import from_torch
+        from graft.ir.torch_frontend import from_torch
         return from_torch
     if name == "to_torch":
-        from ir.torch_backend import to_torch
+        from graft.ir.torch_backend import to_torch
         return to_torch
     if name in ("verify", "VerifyError"):
-        import ir.verifier as _v
+        import graft.ir.verifier as _v
         return getattr(_v, name)
     if name == "print_graph":
-        from ir.printer import print_graph
+        from graft.ir.printer import print_graph
         return print_graph
     if name == "to_networkx":
-        from ir.nx_view import to_networkx
+        from graft.ir.nx_view import to_networkx
         return to_networkx
     raise AttributeError(f"module 'ir' has no attribute {name!r}")
 

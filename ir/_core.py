@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ir.dtypes import DataType, dtype_of
+from graft.ir.dtypes import DataType, dtype_of
 
 
 class IRError(ValueError):
@@ -33,7 +33,7 @@ class Tensor:
     round trip is bit-identical (external data and all).
 
     Attributes:
-        dtype: ONNX element type (:class:`ir.dtypes.DataType`).
+        dtype: ONNX element type (:class:`graft.ir.dtypes.DataType`).
         shape: dims as a tuple of ints.
     """
 
@@ -80,9 +80,9 @@ class Tensor:
 
 
 def _proto_to_array(proto, shape) -> np.ndarray:
-    # ir.onnx_io imports this module, so bind its converter on first use, then call it directly
+    # graft.ir.onnx_io imports this module, so bind its converter on first use, then call it directly
     global _proto_to_array
-    from ir.onnx_io import tensor_proto_to_array
+    from graft.ir.onnx_io import tensor_proto_to_array
 
     _proto_to_array = tensor_proto_to_array
     return tensor_proto_to_array(proto, shape)
@@ -158,7 +158,7 @@ class Value:
             t = p.attrs.get("value")
             if isinstance(t, Tensor):
                 return t.array
-            from ir.onnx_io import constant_node_array
+            from graft.ir.onnx_io import constant_node_array
 
             return constant_node_array(p)
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ir._core import Graph, outer_scope_values
+from graft.ir._core import Graph, outer_scope_values
 
 
 def to_networkx(graph: Graph, *, include_inputs: bool = False,

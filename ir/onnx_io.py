@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ir._core import Graph, IRError, Model, Node, Tensor, Value
-from ir._gc import gc_paused
-from ir.dtypes import DataType, dtype_of
+from graft.ir._core import Graph, IRError, Model, Node, Tensor, Value
+from graft.ir._gc import gc_paused
+from graft.ir.dtypes import DataType, dtype_of
 
 # ONNX protobuf cannot serialize more than 2 GiB in one message.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -383,11 +383,12 @@ def _fill_plain_attr(a, name: str, value, atype: int | None) -> bool:
     return True
 
 
-def _node_proto(n: Node) -> onnx.NodeProto:
-    return _fill_node_proto(onnx.NodeProto(), n)
+def node_proto(n: Node) -> onnx.NodeProto:
+    """A fresh ``NodeProto`` of ``n`` (op, attributes, input and output names; subgraphs included)."""
+    return _fillnode_proto(onnx.NodeProto(), n)
 
 
-def _fill_node_proto(p, n: Node) -> onnx.NodeProto:
+def _fillnode_proto(p, n: Node) -> onnx.NodeProto:
     """Write node ``n`` into ``p`` (a message already inside its graph: no copy)."""
     p.op_type = n.op_type
     if n.domain:
@@ -439,7 +440,7 @@ def _write_graph(g: Graph, gp: onnx.GraphProto | None = None, stub_over: int | N
     gp.sparse_initializer.extend(g.sparse_initializers)
     add_node = gp.node.add
     for n in g:
-        _fill_node_proto(add_node(), n)
+        _fillnode_proto(add_node(), n)
     for v in g.outputs:
         vi = _fill_value_info(gp.output.add(), v)
         ot = v.meta.get("_output_type")
@@ -498,7 +499,7 @@ def _to_onnx(model: Model, stub_over: int | None = None) -> onnx.ModelProto:
     if log:
         import json
 
-        # rewrites that created nothing (see compiler.rewriter.RECONNECTED_LOG), appended to any earlier log
+        # rewrites that created nothing (see graft.compiler.engine.rewriter.RECONNECTED_LOG), appended to any earlier log
         earlier = json.loads(props.get("graft.reconnected", "[]"))
         props["graft.reconnected"] = json.dumps(earlier + [list(x) for x in log])
     for k, v in props.items():

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir._core import Graph, Model, Node, Tensor, Value
-from ir.dtypes import name_of
+from graft.ir._core import Graph, Model, Node, Tensor, Value
+from graft.ir.dtypes import name_of
 
 
 def print_graph(graph_or_model: Graph | Model) -> str:

@@ -27,8 +27,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ir._core import Model, Node, Value
-from ir.dtypes import DataType
+from graft.ir._core import Model, Node, Value
+from graft.ir.dtypes import DataType
 
 ATEN_DOMAIN = "aten"
 DYNAMIC_ATTR = "_dynamic"

@@ -1,8 +1,8 @@
 """The torch backend: ``ir.to_torch(model)`` → a trainable ``torch.fx.GraphModule``.
 
-- ONNX-domain nodes call the functions of :mod:`ir.torch_ops` (ONNX semantics
+- ONNX-domain nodes call the functions of :mod:`graft.ir.torch_ops` (ONNX semantics
   per opset, built from differentiable torch ops); ``aten`` nodes call their
-  ATen overload with the arguments rebuilt from the schema (:mod:`ir.torch_aten`).
+  ATen overload with the arguments rebuilt from the schema (:mod:`graft.ir.torch_aten`).
 - A QuantizeLinear whose output only feeds DequantizeLinear nodes with the same
   scale, zero point and axis becomes one ``fake_quantize`` call per
   DequantizeLinear (``torch.fake_quantize_per_tensor_affine`` /
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from ir import torch_ops, torch_ops_nn
-from ir._core import Model, Node, Tensor, Value
-from ir.dtypes import DataType
-from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, PERMUTED_FROM, TENSOR, TENSOR_LIST,
+from graft.ir import torch_ops, torch_ops_nn
+from graft.ir._core import Model, Node, Tensor, Value
+from graft.ir.dtypes import DataType
+from graft.ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, PERMUTED_FROM, TENSOR, TENSOR_LIST,
                            arg_layout, kwarg_only, overload, returns_list)
 
 # (op_type, input index) slots that hold statistics or quantization parameters: never trainable.
@@ -196,7 +196,7 @@ class _Builder:
         self.env[dq.outputs[0]] = out
 
     def aten_node(self, n: Node) -> None:
-        from ir.torch_aten import aten_args
+        from graft.ir.torch_aten import aten_args
 
         target = overload(n.op_type)
         a = aten_args(n)
@@ -241,7 +241,7 @@ class _Builder:
 
 
 def _attr_arg(v, n: Node):
-    from ir._core import Graph
+    from graft.ir._core import Graph
 
     if isinstance(v, Tensor):
         arr = np.asarray(v.array)
@@ -312,7 +312,7 @@ def _same(a, b) -> bool:
 
 def unsupported_ops(model: Model) -> list[str]:
     """One line per node the torch backend cannot run (op, node, module)."""
-    from ir.torch_ops import lookup
+    from graft.ir.torch_ops import lookup
 
     out = []
     for g in model.all_graphs():
@@ -352,9 +352,9 @@ def to_torch(model: Model, *, class_name: str | None = None):
 
     Raises:
         TorchBackendError: ops without a torch implementation (custom domains, control
-            flow, ONNX ops not in :mod:`ir.torch_ops`), all listed with node and module.
+            flow, ONNX ops not in :mod:`graft.ir.torch_ops`), all listed with node and module.
     """
-    from ir.torch_ops import lookup
+    from graft.ir.torch_ops import lookup
 
     bad = unsupported_ops(model)
     if bad:
@@ -393,7 +393,7 @@ def to_torch(model: Model, *, class_name: str | None = None):
 
 class GraftTracer(torch.fx.Tracer):
     """The fx Tracer a saved GraphModule is re-traced with on load: it records calls to
-    :mod:`ir.torch_ops` functions as nodes instead of tracing into them."""
+    :mod:`graft.ir.torch_ops` functions as nodes instead of tracing into them."""
 
     def __init__(self, autowrap_modules=(math, torch_ops, torch_ops_nn), autowrap_functions=(),
                  param_shapes_constant=False):
@@ -404,7 +404,7 @@ def save_module(module, path) -> None:
     """Write a GraphModule from :func:`to_torch` with ``torch.save``, atomically (temporary file, then rename).
 
     The file holds the generated code and the parameters; :func:`load_module` reads it back
-    (it needs graft importable, since the code calls :mod:`ir.torch_ops`).
+    (it needs graft importable, since the code calls :mod:`graft.ir.torch_ops`).
     """
     import os
     import tempfile

@@ -1,7 +1,7 @@
 """The torch frontend: ``ir.from_torch(module, example_inputs)`` → :class:`ir.Model`.
 
 The model is captured with ``torch.export`` (non-strict by default) as an ATen
-graph and translated by :mod:`ir.torch_import`: each ATen call becomes a node in
+graph and translated by :mod:`graft.ir.torch_import`: each ATen call becomes a node in
 the ``aten`` domain named by its overload (``"linear.default"``), parameters and
 buffers become initializers under their fully qualified names, and every node
 keeps the user's module path in ``node.meta["torch.module"]``. Lowering the ATen
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ir._core import Model
-from ir.torch_import import TorchImportError, import_program
+from graft.ir._core import Model
+from graft.ir.torch_import import TorchImportError, import_program
 
 
 class TorchCaptureError(ValueError):

@@ -1,6 +1,6 @@
 """``torch.export.ExportedProgram`` → graft IR (the torch frontend's graph translation).
 
-One IR node per ATen call, laid out as :mod:`ir.torch_aten` describes; parameters,
+One IR node per ATen call, laid out as :mod:`graft.ir.torch_aten` describes; parameters,
 buffers and lifted constants become initializers named by their fully qualified
 names; ``operator.getitem`` picks an output of a multi-output node; Python
 arithmetic on symbolic sizes (``operator.mul`` on ``SymInt``) becomes ONNX ops on
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.fx
 
-from ir._core import Model, Node, Tensor, Value
-from ir.dtypes import DataType
-from ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, LIST_SIZES_ATTR, TENSOR, TENSOR_LIST, TORCH_TO_ONNX_DTYPE,
+from graft.ir._core import Model, Node, Tensor, Value
+from graft.ir.dtypes import DataType
+from graft.ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, LIST_SIZES_ATTR, TENSOR, TENSOR_LIST, TORCH_TO_ONNX_DTYPE,
                            arg_layout, op_type_of, returns_list)
 
 # Opset of the ONNX ops in a torch-captured model (the frontend's glue and the ATen lowering rules).

@@ -1,4 +1,4 @@
-"""ONNX ops as torch functions, for the torch backend (:mod:`ir.torch_backend`).
+"""ONNX ops as torch functions, for the torch backend (:mod:`graft.ir.torch_backend`).
 
 Each function takes the node's inputs positionally (``None`` for an absent
 optional input) and its attributes as keyword arguments with the ONNX defaults,
@@ -8,7 +8,7 @@ ops, so gradients flow through the emitted ``GraphModule``. Functions for ops
 with optional outputs take ``_outputs`` (how many outputs the node has).
 
 Elementwise, shape and reduction ops live here; convolution, pooling,
-normalization, resizing and quantization in :mod:`ir.torch_ops_nn`.
+normalization, resizing and quantization in :mod:`graft.ir.torch_ops_nn`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 4: torch.uint16,
 class UnsupportedInTorchBackend(NotImplementedError):
     """An ONNX op variant (attribute value, optional output) the torch backend cannot express.
 
-    Raised by the op functions here and in :mod:`ir.torch_ops_nn` while the ``GraphModule`` runs;
+    Raised by the op functions here and in :mod:`graft.ir.torch_ops_nn` while the ``GraphModule`` runs;
     the message names the op and the variant. What to do: compile to the ONNX target instead, or
     rewrite the op into a supported form with a rule before emitting torch. A subclass of
     ``NotImplementedError``, so ``except NotImplementedError`` still catches it.
@@ -50,7 +50,7 @@ def onnx_op(name: str, since: int = 1):
 
 def lookup(op_type: str, opset: int) -> Callable | None:
     """The implementation of ``op_type`` at ``opset`` (latest version not newer than it), or None."""
-    import ir.torch_ops_nn  # noqa: F401  (registers the nn ops)
+    import graft.ir.torch_ops_nn  # noqa: F401  (registers the nn ops)
 
     best = None
     for since, fn in _REGISTRY.get(op_type, ()):
@@ -60,7 +60,7 @@ def lookup(op_type: str, opset: int) -> Callable | None:
 
 
 def supported_ops() -> list[str]:
-    import ir.torch_ops_nn  # noqa: F401
+    import graft.ir.torch_ops_nn  # noqa: F401
 
     return sorted(_REGISTRY)
 
@@ -94,7 +94,7 @@ def attr_tensor(spec: dict) -> torch.Tensor:
     return torch.tensor(spec["data"], dtype=getattr(torch, spec["dtype"])).reshape(spec["shape"])
 
 
-def _axis(a: int, rank: int) -> int:
+def norm_axis(a: int, rank: int) -> int:
     return a + rank if a < 0 else a
 
 
@@ -258,7 +258,7 @@ def Dropout(x, ratio=None, training_mode=None, *, seed=0, _outputs=1):
 # --------------------------------------------------------------------------- softmax family
 def _coerced(fn, x, axis):
     """Opset < 13: softmax over the 2-D view [prod(shape[:axis]), prod(shape[axis:])]."""
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     shape = x.shape
     return fn(x.reshape(int(math.prod(shape[:axis])), -1), -1).reshape(shape)
 
@@ -329,7 +329,7 @@ def Reshape(x, shape, *, allowzero=0):
 
 @onnx_op("Flatten")
 def Flatten(x, *, axis=1):
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     return x.reshape(int(math.prod(x.shape[:axis])), int(math.prod(x.shape[axis:])))
 
 
@@ -347,7 +347,7 @@ def Squeeze_1(x, *, axes=None):
 def Squeeze(x, axes=None):
     if axes is None or (isinstance(axes, torch.Tensor) and axes.numel() == 0):
         return x.squeeze()
-    dims = sorted({_axis(a, x.dim()) for a in ints(axes)}, reverse=True)
+    dims = sorted({norm_axis(a, x.dim()) for a in ints(axes)}, reverse=True)
     for d in dims:
         x = x.squeeze(d)
     return x
@@ -362,7 +362,7 @@ def Unsqueeze_1(x, *, axes):
 def Unsqueeze(x, axes):
     ax = ints(axes)
     rank = x.dim() + len(ax)
-    for d in sorted(_axis(a, rank) for a in ax):
+    for d in sorted(norm_axis(a, rank) for a in ax):
         x = x.unsqueeze(d)
     return x
 
@@ -414,13 +414,13 @@ def Slice(x, starts, ends, axes=None, steps=None):
     ax = ints(axes) if axes is not None else list(range(len(s)))
     st = ints(steps) if steps is not None else [1] * len(s)
     for a, b, c, d in zip(ax, s, e, st):
-        x = _slice_axis(x, _axis(a, x.dim()), b, c, d)
+        x = _slice_axis(x, norm_axis(a, x.dim()), b, c, d)
     return x
 
 
 @onnx_op("Gather")
 def Gather(x, idx, *, axis=0):
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
     return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
@@ -428,7 +428,7 @@ def Gather(x, idx, *, axis=0):
 
 @onnx_op("GatherElements")
 def GatherElements(x, idx, *, axis=0):
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
 
 
@@ -442,7 +442,7 @@ def GatherND(x, idx, *, batch_dims=0):
 
 @onnx_op("ScatterElements")
 def ScatterElements(x, idx, upd, *, axis=0, reduction="none"):
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     if reduction == "none":
         return x.scatter(axis, idx, upd)
@@ -493,7 +493,7 @@ def Trilu(x, k=None, *, upper=1):
 
 @onnx_op("CumSum")
 def CumSum(x, axis, *, exclusive=0, reverse=0):
-    a = _axis(int(item(axis)), x.dim())
+    a = norm_axis(int(item(axis)), x.dim())
     if reverse:
         x = x.flip(a)
     y = torch.cumsum(x, a)
@@ -519,7 +519,7 @@ def OneHot(indices, depth, values, *, axis=-1):
     idx = torch.where(indices < 0, indices + d, indices).long()
     hot = F.one_hot(idx.clamp(0, d - 1), d) * ((idx >= 0) & (idx < d)).unsqueeze(-1)
     out = torch.where(hot.bool(), values[1], values[0])
-    return out.movedim(-1, _axis(axis, out.dim()))
+    return out.movedim(-1, norm_axis(axis, out.dim()))
 
 
 # --------------------------------------------------------------------------- reductions
@@ -529,7 +529,7 @@ def _reduce(fn, x, axes, keepdims, noop_with_empty_axes):
         if noop_with_empty_axes:
             return x
         ax = list(range(x.dim()))
-    ax = sorted(_axis(a, x.dim()) for a in ax)
+    ax = sorted(norm_axis(a, x.dim()) for a in ax)
     return fn(x, ax, bool(keepdims))
 
 
@@ -573,7 +573,7 @@ for _name, _fn in _REDUCERS.items():
 
 
 def _arg(fn, x, axis, keepdims, select_last_index):
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     if select_last_index:
         n = x.shape[axis]
         return (n - 1) - fn(x.flip(axis), axis, bool(keepdims))

@@ -1,5 +1,5 @@
 """ONNX neural-network ops as torch functions: convolution, pooling, normalization,
-padding, resizing, quantization (see :mod:`ir.torch_ops` for the conventions).
+padding, resizing, quantization (see :mod:`graft.ir.torch_ops` for the conventions).
 
 Padding: ONNX ``pads`` are ``[b_1..b_n, e_1..e_n]`` over the spatial axes; torch
 convolutions and pools pad symmetrically, so unequal pads are applied with
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ir.torch_ops import UnsupportedInTorchBackend, _axis, ints, onnx_op
+from graft.ir.torch_ops import UnsupportedInTorchBackend, norm_axis, ints, onnx_op
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -124,7 +124,7 @@ def InstanceNormalization(x, scale, bias, *, epsilon=1e-5):
 
 @onnx_op("LayerNormalization", since=17)
 def LayerNormalization(x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1, _outputs=1):
-    axis = _axis(axis, x.dim())
+    axis = norm_axis(axis, x.dim())
     shape = tuple(x.shape[axis:])
     if _outputs == 1 and tuple(scale.shape) == shape and (bias is None or tuple(bias.shape) == shape):
         return F.layer_norm(x, shape, scale, bias, epsilon)
@@ -220,7 +220,7 @@ def Pad_1(x, *, pads, mode="constant", value=0.0):
 def Pad(x, pads, constant_value=None, axes=None, *, mode="constant"):
     p = ints(pads)
     if axes is not None:
-        ax = [_axis(a, x.dim()) for a in ints(axes)]
+        ax = [norm_axis(a, x.dim()) for a in ints(axes)]
         full = [0] * (2 * x.dim())
         for i, a in enumerate(ax):
             full[a], full[x.dim() + a] = p[i], p[len(ax) + i]
@@ -323,7 +323,7 @@ def _per_axis(t, x, axis):
     if t.numel() == 1:
         return t.reshape(())
     shape = [1] * x.dim()
-    shape[_axis(axis, x.dim())] = t.numel()
+    shape[norm_axis(axis, x.dim())] = t.numel()
     return t.reshape(shape)
 
 
@@ -359,7 +359,7 @@ def fake_quantize(x, scale, zero_point, *, axis=1, quant_min, quant_max):
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1).to(torch.float32), zp.reshape(1),
                                                      quant_min, quant_max)
     return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1).to(torch.float32), zp.reshape(-1),
-                                                  _axis(axis, x.dim()), quant_min, quant_max)
+                                                  norm_axis(axis, x.dim()), quant_min, quant_max)
 
 
 def quant_range(dtype) -> tuple[int, int]:

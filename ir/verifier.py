@@ -20,7 +20,7 @@ input index) and what to do. Checked, in every graph and subgraph:
 """
 from __future__ import annotations
 
-from ir._core import Graph, IRError, Model, Node, Value
+from graft.ir._core import Graph, IRError, Model, Node, Value
 
 # Domains whose ops are checked against onnx.defs (others pass through untouched).
 _SCHEMA_DOMAINS = {"": "", "ai.onnx": "", "ai.onnx.ml": "ai.onnx.ml",
@@ -154,7 +154,7 @@ class _Verifier:
         for k, v in enumerate(g.outputs):
             if g.parent is None and v.dtype is None and v.type_proto is None:
                 self.out.append(f"{gname}: graph output {k} {v.name!r} has no type; ONNX requires one — set "
-                                f"value.dtype/shape or run compiler.shapes.infer_shapes(model)")
+                                f"value.dtype/shape or run graft.ir.shapes.infer_shapes(model)")
             if not any(v in s for s in scope):
                 self.out.append(f"{gname}: graph output {k} {v.name!r} is not defined in this graph or "
                                 f"an enclosing one{self._dangling_hint(v)}; point the output at a live "

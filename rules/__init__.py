@@ -8,11 +8,11 @@ import importlib
 
 # Modules holding built-in rules, in the order ``graft rules`` lists them.
 RULE_MODULES = (
-    "rules.cleanup",
-    "rules.constant_folding",
-    "rules.fold_batchnorm",
-    "rules.fuse",
-    "rules.fuse_bias",
+    "graft.rules.cleanup",
+    "graft.rules.constant_folding",
+    "graft.rules.fold_batchnorm",
+    "graft.rules.fuse",
+    "graft.rules.fuse_bias",
 )
 
 

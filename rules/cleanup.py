@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler import Rule, Var, op
-from compiler.shapes import is_static, static_dim
+from graft.compiler.engine import Rule, Var, op
+from graft.ir.shapes import is_static, static_dim
 
 x, like = Var("x"), Var("like")
 shape, shape1, shape2 = Var("shape"), Var("shape1"), Var("shape2")

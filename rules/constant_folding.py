@@ -16,7 +16,7 @@
   other dims are symbolic — the ``Shape → Gather`` chains exported transformers
   use to read batch/sequence/hidden sizes.
 
-The Shape rules read ``Value.shape``, so run :func:`compiler.shapes.infer_shapes` first.
+The Shape rules read ``Value.shape``, so run :func:`graft.ir.shapes.infer_shapes` first.
 
 Not folded, with the reason as the refusal:
 - non-deterministic ops (RandomNormal*, RandomUniform*, Multinomial, Bernoulli,
@@ -36,10 +36,10 @@ import onnx.defs
 import onnx.shape_inference
 from onnx import helper, numpy_helper
 
-from compiler import Const, Rule, Var, op
-from compiler.shapes import is_static
-from ir.dtypes import DataType
-from ir.onnx_io import _node_proto
+from graft.compiler.engine import Const, Rule, Var, op
+from graft.ir.shapes import is_static
+from graft.ir.dtypes import DataType
+from graft.ir.onnx_io import node_proto
 
 MAX_ELEMENTS = 1 << 20
 GROWTH_MIN_BYTES = 64 * 1024
@@ -103,7 +103,7 @@ def _evaluate(m):
             return m.fail(f"{node.op_type} has an absent optional output", node)
         if o.is_graph_output():
             return m.fail(f"output {o.name!r} is a graph output (it would become an initializer)", node)
-    proto = _node_proto(node)
+    proto = node_proto(node)
     predicted = _predict(node, proto, arrays, m.opset)
     if isinstance(predicted, str):
         return m.fail(predicted, node)
@@ -226,8 +226,18 @@ def _fold_replacement(op, m):
     return outs if len(outs) > 1 else outs[0]
 
 
-fold_constants = Rule("fold_constants", op.any_op(name="node", where=_foldable), _fold_replacement,
-                      check=_fold_check)
+def fold_constants_rule(name: str = "fold_constants", *, also=None) -> Rule:
+    """The constant-folding rule, optionally narrowed: ``also(node) -> bool`` must hold too.
+
+    A technique that must keep some constant subgraphs (pruning keeps views of torch
+    parameters so they stay trainable) builds its own variant here instead of reaching
+    into this module's helpers.
+    """
+    where = _foldable if also is None else (lambda node: _foldable(node) and also(node))
+    return Rule(name, op.any_op(name="node", where=where), _fold_replacement, check=_fold_check)
+
+
+fold_constants = fold_constants_rule()
 
 
 # ---------------------------------------------------------------- Shape / Size

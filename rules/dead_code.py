@@ -12,7 +12,7 @@ callers may override) and graph outputs.
 """
 from __future__ import annotations
 
-from ir import Graph, Model, Node
+from graft.ir import Graph, Model, Node
 
 
 def eliminate_dead_code(model: Model) -> int:

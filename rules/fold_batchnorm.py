@@ -52,8 +52,8 @@ never changed.
 """
 import numpy as np
 
-from compiler import Rule, Var, op
-from ir.dtypes import DataType
+from graft.compiler.engine import Rule, Var, op
+from graft.ir.dtypes import DataType
 
 # Weights and statistics are Vars, not Consts: a non-constant one then reaches the check,
 # which refuses with a reason naming it instead of a bare pattern miss.
@@ -357,7 +357,7 @@ def matmul_check(m):
     if not ranks:
         return m.fail(f"rank of MatMul {m.matmul.name!r}'s input {m[x].name!r} is unknown; BN normalizes "
                       f"axis 1, which is MatMul's feature axis only for 2-D inputs (add value_info or run "
-                      f"compiler.shapes.infer_shapes(model) first)", m.matmul)
+                      f"graft.ir.shapes.infer_shapes(model) first)", m.matmul)
     if ranks != {2}:
         return m.fail(f"MatMul {m.matmul.name!r} activation has rank {sorted(ranks)}, not 2: BN normalizes "
                       f"axis 1 but MatMul's features are on the last axis", m.matmul)

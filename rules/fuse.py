@@ -11,7 +11,7 @@ which holds exactly when
 
 - A is 2-D: MatMul-13 on rank > 2 batches and on rank 1 promotes/removes axes,
   neither of which Gemm does. A's rank comes from its value's shape (graph
-  input, value_info, or :func:`compiler.shapes.infer_shapes`); when it is
+  input, value_info, or :func:`graft.ir.shapes.infer_shapes`); when it is
   unknown the check refuses rather than guess;
 - B is a 2-D constant (K, N);
 - C has rank <= 2 and each of its dims is 1 or equal to M (first) / N (last),
@@ -22,8 +22,8 @@ which holds exactly when
 
 Sources: ONNX operators MatMul-13, Add-14, Gemm-13, and docs/Broadcasting.md.
 """
-from compiler import Const, Rule, Var, op
-from ir.dtypes import DataType
+from graft.compiler.engine import Const, Rule, Var, op
+from graft.ir.dtypes import DataType
 
 a, c = Var("a"), Var("c")
 b = Const("b")  # a Const here lets the matcher try Add's other input order when B is not constant
@@ -43,7 +43,7 @@ def fuse_check(m):
     a_shape = m.shape(a)
     if a_shape is None:
         return m.fail(f"rank of MatMul {mm.name!r}'s input {m[a].name!r} is unknown; Gemm needs a 2-D A "
-                      f"(add value_info or run compiler.shapes.infer_shapes(model) first)", mm)
+                      f"(add value_info or run graft.ir.shapes.infer_shapes(model) first)", mm)
     if len(a_shape) != 2:
         return m.fail(f"MatMul {mm.name!r}'s input {m[a].name!r} has rank {len(a_shape)}; Gemm needs a 2-D A",
                       mm)

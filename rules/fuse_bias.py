@@ -17,7 +17,7 @@ ConvTranspose-11, Add-14.
 """
 import numpy as np
 
-from compiler import Const, Rule, Var, op
+from graft.compiler.engine import Const, Rule, Var, op
 
 x, w, b, c = Var("x"), Const("w"), Const("b"), Const("c")
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import DataType, Tensor, Value
-from rules.lower_aten_util import cast, const, ints, lowering, operand, out_dtype, promote, rank, refuse, scalar
-from rules.lower_aten_nn import passthrough
+from graft.ir import DataType, Tensor, Value
+from graft.rules.lower_aten_util import cast, const, ints, lowering, operand, out_dtype, promote, rank, refuse, scalar
+from graft.rules.lower_aten_nn import passthrough
 
 
 def _dtype_of(x) -> DataType:

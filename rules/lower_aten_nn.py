@@ -35,8 +35,8 @@ import math
 
 import numpy as np
 
-from ir import DataType
-from rules.lower_aten_util import cast, const, ints, lowering, out_dtype, permuted, rank, refuse, static_dim
+from graft.ir import DataType
+from graft.rules.lower_aten_util import cast, const, ints, lowering, out_dtype, permuted, rank, refuse, static_dim
 
 
 def _expand(v, n: int) -> list[int]:

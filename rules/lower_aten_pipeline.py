@@ -5,19 +5,19 @@ Lowering is ordinary rewriting: the rules in ``rules/lower_aten_nn.py``,
 point like any other rule set, then dead code is dropped. Ops without a lowering (or whose
 lowering refused, e.g. training-mode BatchNorm) stay in the ``aten`` domain: the
 torch backend still runs them, the ONNX backend refuses the model with
-:class:`ir.torch_aten.UnloweredOpError` listing each one and its module.
+:class:`graft.ir.torch_aten.UnloweredOpError` listing each one and its module.
 
 ``compile`` runs this pipeline first for torch input, before the user's pipeline,
 so rules written against ONNX ops (BatchNorm folding, fusions) serve torch models too.
-The lowered graph imports ONNX opset 18 (:data:`ir.torch_import.ONNX_OPSET`).
+The lowered graph imports ONNX opset 18 (:data:`graft.ir.torch_import.ONNX_OPSET`).
 """
 from __future__ import annotations
 
-from compiler.passes import FunctionPass, Pipeline, RewritePass
-from compiler.rule import RuleSet
-from ir import Model
-from ir.torch_aten import ATEN_DOMAIN
-from rules import lower_aten_math, lower_aten_nn, lower_aten_shape, lower_aten_stats
+from graft.compiler.engine.passes import FunctionPass, Pipeline, RewritePass
+from graft.compiler.engine.rule import RuleSet
+from graft.ir import Model
+from graft.ir.torch_aten import ATEN_DOMAIN
+from graft.rules import lower_aten_math, lower_aten_nn, lower_aten_shape, lower_aten_stats
 
 LOWERING_RULES = [*lower_aten_nn.RULES, *lower_aten_math.RULES, *lower_aten_shape.RULES, *lower_aten_stats.RULES]
 
@@ -31,7 +31,7 @@ def drop_aten_opset(model: Model) -> int:
 
 
 def _dead_code(model: Model) -> int:
-    from rules.dead_code import eliminate_dead_code
+    from graft.rules.dead_code import eliminate_dead_code
 
     return eliminate_dead_code(model)
 
@@ -46,7 +46,7 @@ def lower_aten() -> Pipeline:
 
 
 def lower(model: Model):
-    """Run the ``lower_aten`` pipeline on ``model`` in place; returns its :class:`compiler.passes.PassResult`."""
+    """Run the ``lower_aten`` pipeline on ``model`` in place; returns its :class:`graft.compiler.engine.passes.PassResult`."""
     return lower_aten()(model)
 
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir import DataType, Value
-from rules.lower_aten_nn import passthrough
-from rules.lower_aten_util import (INT64_MAX, axis, cast, const, ints, lowering, one_d, out_dtype, permuted, rank,
+from graft.ir import DataType, Value
+from graft.rules.lower_aten_nn import passthrough
+from graft.rules.lower_aten_util import (INT64_MAX, axis, cast, const, ints, lowering, one_d, out_dtype, permuted, rank,
                                    refuse, scalar, static_dim)
 
 

@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from ir import DataType, Value
-from rules.lower_aten_util import axis, cast, const, ints, lowering, out_dtype, rank, refuse
+from graft.ir import DataType, Value
+from graft.rules.lower_aten_util import axis, cast, const, ints, lowering, out_dtype, rank, refuse
 
 
 def _dims(x, dims) -> list[int]:

@@ -2,7 +2,7 @@
 
 A lowering rule matches one ``aten`` node and returns ONNX ops (opset 18) that
 compute the same values. Its arguments are read by schema name with
-:func:`ir.torch_aten.aten_args` (``a["weight"]``): a :class:`ir.Value` for tensors
+:func:`graft.ir.torch_aten.aten_args` (``a["weight"]``): a :class:`ir.Value` for tensors
 and run-time sizes, a Python value for arguments known at capture time.
 
 :func:`lowering` turns ``fn(op, a, node) -> Value | tuple`` into graft
@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from compiler import Rule, op
-from ir import DataType, Node, Value
-from ir.torch_aten import PERMUTED_FROM, TORCH_TO_ONNX_DTYPE, aten_args
+from graft.compiler.engine import Rule, op
+from graft.ir import DataType, Node, Value
+from graft.ir.torch_aten import PERMUTED_FROM, TORCH_TO_ONNX_DTYPE, aten_args
 
 aten = op.domain("aten")
 INT64_MAX = 2**63 - 1

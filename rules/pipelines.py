@@ -1,4 +1,4 @@
-"""graft's named pipelines, registered with :func:`compiler.passes.register_pipeline`.
+"""graft's named pipelines and their registry (:func:`register_pipeline`, :func:`get_pipeline`).
 
 - ``cleanup``: shape inference → cleanup rules + constant folding (one rule set,
   to a fixed point) → dead-code elimination.
@@ -11,22 +11,73 @@
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
-from compiler.passes import FunctionPass, Pipeline, RewritePass, get_pipeline, register_pipeline
-from compiler.rule import Rule, RuleDefinitionError, RuleSet
+from graft.compiler.engine.passes import FunctionPass, Pipeline, RewritePass
+from graft.compiler.engine.rule import Rule, RuleDefinitionError, RuleSet
+
+
+# --------------------------------------------------------------------------- registry
+# Named pipelines: the CLI's --pipeline, compile(pipeline=...). A factory is called on each
+# lookup, so every run gets fresh passes.
+_REGISTRY: dict[str, tuple[Callable[[], Pipeline], str]] = {}
+
+
+def register_pipeline(name: str, factory: Callable[[], Pipeline], doc: str = "", *, replace: bool = False) -> None:
+    """Register ``factory`` (called on each lookup, so every run gets fresh passes) under ``name``.
+
+    Raises:
+        ValueError: ``name`` is taken and ``replace`` is false.
+    """
+    if not callable(factory):
+        raise TypeError(f"pipeline {name!r}: factory must be a callable returning a Pipeline")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"pipeline {name!r} is already registered (pass replace=True to override)")
+    _REGISTRY[name] = (factory, doc.strip().splitlines()[0] if doc.strip() else "")
+
+
+def unregister_pipeline(name: str) -> None:
+    """Remove ``name`` from the registry (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_pipeline(name: str) -> Pipeline:
+    """A fresh :class:`Pipeline` for registered ``name``.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"no pipeline named {name!r}; known pipelines: {', '.join(pipeline_names())}")
+    p = _REGISTRY[name][0]()
+    if not isinstance(p, Pipeline):
+        raise TypeError(f"pipeline factory for {name!r} returned {type(p).__name__}, not a Pipeline")
+    return p
+
+
+def pipeline_names() -> list[str]:
+    """Registered pipeline names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def pipeline_doc(name: str) -> str:
+    """The one-line description given at registration ('' if none)."""
+    return _REGISTRY[name][1] if name in _REGISTRY else ""
+
+
+register_pipeline("none", lambda: Pipeline("none", []), "no passes (with --rules: only the user's rules run)")
 
 
 def cleanup(*, retype: bool = False) -> Pipeline:
     """Shape inference, then cleanup + constant-folding rules to a fixed point, then dead code.
 
     ``retype=True`` (a cleanup after other passes) skips inference when every value already
-    has a dtype and a static shape (:func:`compiler.shapes.infer_missing_shapes`).
+    has a dtype and a static shape (:func:`graft.ir.shapes.infer_missing_shapes`).
     """
-    from compiler.shapes import infer_missing_shapes, infer_shapes
-    from rules import cleanup as cleanup_rules
-    from rules import constant_folding
-    from rules.dead_code import eliminate_dead_code
+    from graft.ir.shapes import infer_missing_shapes, infer_shapes
+    from graft.rules import cleanup as cleanup_rules
+    from graft.rules import constant_folding
+    from graft.rules.dead_code import eliminate_dead_code
 
     rules = RuleSet([*cleanup_rules.RULES, *constant_folding.RULES], name="cleanup_rules")
     return Pipeline("cleanup", [
@@ -38,7 +89,7 @@ def cleanup(*, retype: bool = False) -> Pipeline:
 
 def optimize() -> Pipeline:
     """cleanup → fold BatchNormalization → fuse ops → cleanup."""
-    from rules import fold_batchnorm, fuse, fuse_bias
+    from graft.rules import fold_batchnorm, fuse, fuse_bias
 
     # bias Adds fold into Conv/ConvTranspose in the same pass, so a BN after them folds too
     folds = RuleSet([*fuse_bias.RULES, *fold_batchnorm.RULES], name="fold_batchnorm")
@@ -82,7 +133,7 @@ def with_user_rules(pipeline: str | Pipeline | None, rules: Rule | RuleSet | Ite
 def lower_aten() -> Pipeline:
     """ATen → ONNX lowering rules to a fixed point, then dead code (runs first for torch input)."""
     # imported on use: 200+ lowering rules are not needed to compile an ONNX file
-    from rules.lower_aten_pipeline import lower_aten as build
+    from graft.rules.lower_aten_pipeline import lower_aten as build
 
     return build()
 

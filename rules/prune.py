@@ -1,6 +1,6 @@
 """Structured-pruning removal rules: physically drop the channels, heads and neurons a plan removes.
 
-The plan (``compiler.pruning.plan``, in ``model.meta["graft.prune_plan"]``) is the
+The plan (``graft.compiler.techniques.pruning.plan``, in ``model.meta["graft.prune_plan"]``) is the
 context: the channel-dependency analysis decided, per node, which indices of which
 axis of each constant input survive. Each rule rebuilds one node with its constant
 inputs sliced (``W' = W[keep_out][:, keep_in]``), so the model really shrinks:
@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler import Rule, Var, op
-from compiler.pruning.plan import plan_of
+from graft.compiler.engine import Rule, Var, op
+from graft.rules.prune_plan import plan_of
 
 x, w, b, c = Var("x"), Var("w"), Var("b"), Var("c")
 

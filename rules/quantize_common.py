@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.quantization.context import QNAME_KEY, QuantContext, node_key
-from compiler.quantization.params import (QParams, blocked_weight_params, quantize, quantize_bias,
+from graft.rules.quantize_context import QNAME_KEY, QuantContext, node_key
+from graft.rules.quantize_params import (QParams, blocked_weight_params, quantize, quantize_bias,
                                           weight_params)
-from ir import Node, Value
-from ir.dtypes import DataType
+from graft.ir import Node, Value
+from graft.ir.dtypes import DataType
 
 FLOAT_TYPES = (DataType.FLOAT, DataType.FLOAT16, DataType.DOUBLE, DataType.BFLOAT16)
 def is_float_weight(a: np.ndarray) -> bool:

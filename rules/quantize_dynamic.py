@@ -20,18 +20,18 @@ moves the outliers' range from the activation (quantized per tensor at run time)
 weight rows (quantized per column, ahead of time). ``smooth_matmul_input`` applies the
 divisor ``ctx.smoothing[x]`` chosen by the driver; readers of the same x share one Mul.
 
-Rules: :func:`dynamic_rules` (bound to a :class:`~compiler.quantization.context.QuantContext`),
+Rules: :func:`dynamic_rules` (bound to a :class:`~graft.rules.quantize_context.QuantContext`),
 :func:`smoothing_rules`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from compiler import PROVENANCE_RULE, Const, Rule, Var, op
-from compiler.quantization.context import QNAME_KEY, QuantContext, node_key
-from compiler.quantization.params import INT8_SYM, quantize, weight_params
-from ir.dtypes import DataType
-from rules.quantize_common import float_activation, is_float_weight, reemit, weight_consts
+from graft.compiler.engine import PROVENANCE_RULE, Const, Rule, Var, op
+from graft.rules.quantize_context import QNAME_KEY, QuantContext, node_key
+from graft.rules.quantize_params import INT8_SYM, quantize, weight_params
+from graft.ir.dtypes import DataType
+from graft.rules.quantize_common import float_activation, is_float_weight, reemit, weight_consts
 
 
 def _int_matmul(op, x, qv, zv, sv, hint: str):

@@ -9,13 +9,13 @@ onnxruntime 1.32 on CPU at 1 thread that kernel is about 5× slower than the Add
 LayerNormalization it replaces on all-MiniLM-L6-v2's (1, ~15, 384) residual stream
 (measured: 27 µs vs 5 µs per block, bench/quantize_results.md). The float export usually escapes
 the fusion by accident (its Add inputs carry different unknown dims), but a quantized graph whose
-shapes were simplified (:mod:`rules.quantize_prepare`) has provably equal shapes and gets fused.
+shapes were simplified (:mod:`graft.rules.quantize_prepare`) has provably equal shapes and gets fused.
 
 Rules: :data:`RULES` (no context needed).
 """
 from __future__ import annotations
 
-from compiler import Rule, Var, op
+from graft.compiler.engine import Rule, Var, op
 
 _a = Var("a", where=lambda v: v.constant() is None)
 _b = Var("b", where=lambda v: v.constant() is None)

@@ -13,13 +13,13 @@ spec is a constant (ONNX Reshape-5/13/14/19/21 with ``allowzero`` = 0):
 ``constant_reshape_spec`` replaces the computed spec by that constant; the shape arithmetic
 then has no reader left and dead-code elimination removes it. The symbolic shapes are
 onnxruntime's ``SymbolicShapeInference`` (onnxruntime/tools/symbolic_shape_infer.py), run
-by :func:`compiler.quantization.prepare.symbolic_shapes` and handed to the rule as context.
+by :func:`graft.compiler.techniques.quantization.prepare.symbolic_shapes` and handed to the rule as context.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from compiler import Rule, Var, op
+from graft.compiler.engine import Rule, Var, op
 
 
 def _spec(in_shape, out_shape):

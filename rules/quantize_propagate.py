@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler import Rule, Var, op
-from compiler.quantization.context import QNAME_KEY, dq_params, is_dequantized, node_key
-from ir.dtypes import DataType
+from graft.compiler.engine import Rule, Var, op
+from graft.rules.quantize_context import QNAME_KEY, dq_params, is_dequantized, node_key
+from graft.ir.dtypes import DataType
 
 xq = Var("x", where=is_dequantized)
 e1, e2, e3, e4 = Var("e1"), Var("e2"), Var("e3"), Var("e4")

@@ -13,7 +13,7 @@ Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", §
 - biases: int32 with scale s_x * s_w and zero point 0, so that
   Conv(x, W) + b = s_x * s_w * (Σ q_x q_w + q_b) needs no rescale of the accumulator.
 
-Rules (bound to a :class:`~compiler.quantization.context.QuantContext` by :func:`static_rules`):
+Rules (bound to a :class:`~graft.rules.quantize_context.QuantContext` by :func:`static_rules`):
 
 - ``quantize_tensor``: a node producing a tensor the analysis chose is re-emitted with
   ``Q → DQ`` on that output, so every reader sees the quantized value.
@@ -21,15 +21,15 @@ Rules (bound to a :class:`~compiler.quantization.context.QuantContext` by :func:
 - ``quantize_conv_weight``, ``quantize_gemm_weight``, ``quantize_matmul_weight``: once the
   activation input is quantized, the weight becomes ``DQ(int8)`` and the bias ``DQ(int32)``.
 
-Which tensors and nodes to quantize is the driver's analysis (:mod:`compiler.quantization`);
+Which tensors and nodes to quantize is the driver's analysis (:mod:`graft.compiler.techniques.quantization`);
 propagation through data-movement ops and clean-up of redundant pairs are in
-:mod:`rules.quantize_propagate`. A weight read by several nodes is quantized once.
+:mod:`graft.rules.quantize_propagate`. A weight read by several nodes is quantized once.
 """
 from __future__ import annotations
 
-from compiler import Const, Rule, Var, op
-from compiler.quantization.context import QuantContext, dq_params
-from rules.quantize_common import float_activation, is_float_weight, qdq, quantized_bias, quantized_weight, reemit
+from graft.compiler.engine import Const, Rule, Var, op
+from graft.rules.quantize_context import QuantContext, dq_params
+from graft.rules.quantize_common import float_activation, is_float_weight, qdq, quantized_bias, quantized_weight, reemit
 
 _NEVER_WRAP = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Constant")
 

@@ -15,9 +15,9 @@ Gemm weights are handled the same way along their K axis (axis 1 when transB = 1
 """
 from __future__ import annotations
 
-from compiler import Const, Rule, Var, op
-from compiler.quantization.context import QuantContext
-from rules.quantize_common import float_activation, is_float_weight, quantized_weight, reemit
+from graft.compiler.engine import Const, Rule, Var, op
+from graft.rules.quantize_context import QuantContext
+from graft.rules.quantize_common import float_activation, is_float_weight, quantized_weight, reemit
 
 MIN_OPSET = 21
 

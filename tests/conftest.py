@@ -6,7 +6,8 @@ import onnx
 import onnx.parser
 import pytest
 
-from compiler import numeric, zoo
+from graft.compiler.techniques import numeric
+from graft.ir import zoo
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-import ir
-from compiler.passes import RewritePass
-from compiler.pruning.api import _STATE_KEY, PruneConfig, finish, plan_pass, prepare
-from compiler.pruning.plan import PLAN_KEY
-from compiler.rule import RuleSet
-from rules import prune as prune_rules
+from graft import ir
+from graft.compiler.engine.passes import RewritePass
+from graft.compiler.techniques.pruning.api import _STATE_KEY, PruneConfig, finish, plan_pass, prepare
+from graft.rules.prune_plan import PLAN_KEY
+from graft.compiler.engine.rule import RuleSet
+from graft.rules import prune as prune_rules
 
 
 def masked_reference(model: ir.Model) -> onnx.ModelProto:

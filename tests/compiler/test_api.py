@@ -6,12 +6,12 @@ import onnx
 import onnx.parser
 import pytest
 
-import compiler
-import ir
-from compiler import RuleError
-from compiler.api import (CompileError, CompileResult, InvalidOutputError, NumericMismatchError, compile,
+from graft import compiler
+from graft import ir
+from graft.compiler import RuleError
+from graft.compiler.driver.api import (CompileError, CompileResult, InvalidOutputError, NumericMismatchError, compile,
                           default_dim_sizes, model_stats)
-from compiler.user_rules import UserRuleFileError, load_rule_file
+from graft.compiler.driver.user_rules import UserRuleFileError, load_rule_file
 from compile_models import (BAD_DTYPE, DROP_MUL, INVALID_GRAPH, RAISES_AT_IMPORT, RAISES_IN_REWRITE, REMOVE_MUL_ONE,
                             WRONG_DIV, conv_bn_model, custom_domain_model, rule_file, save)
 from conftest import assert_same_outputs, parse_model
@@ -307,9 +307,9 @@ def test_inputs_the_model_cannot_take_skip_verification_with_a_hint():
 
 
 def test_structural_blame_helpers():
-    from compiler import Rule, Var, op
-    from compiler.blame import rules_failing_checker, rules_in_message
-    from compiler.passes import RewritePass
+    from graft.compiler import Rule, Var, op
+    from graft.compiler.driver.blame import rules_failing_checker, rules_in_message
+    from graft.compiler.engine.passes import RewritePass
 
     x = Var("x")
     # Relu has no attribute 'alpha': the node alone fails onnx.checker.check_node

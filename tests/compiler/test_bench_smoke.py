@@ -12,9 +12,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-import ir
-import rules
-from compiler import RuleSet, rewrite
+from graft import ir
+from graft import rules
+from graft.compiler import RuleSet, rewrite
 from conftest import assert_same_outputs
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_rewrite.py"
@@ -89,7 +89,7 @@ def test_run_tiny_report(bench, tmp_path):
 
 
 def test_cli_import_does_not_import_torch():
-    code = "import sys, compiler.cli; assert 'torch' not in sys.modules, 'compiler.cli imported torch'"
+    code = "import sys, graft.compiler.driver.cli; assert 'torch' not in sys.modules, 'graft.compiler.driver.cli imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
-from compiler.calibration import (CalibrationData, CalibrationDataError, CalibrationTable, CalibrationWarning,
+from graft import ir
+from graft.compiler.techniques.calibration import (CalibrationData, CalibrationDataError, CalibrationTable, CalibrationWarning,
                                   Histogram, Observer, Request, calibrate)
-from compiler.shapes import infer_shapes
+from graft.ir.shapes import infer_shapes
 import onnx.parser
 from conftest import with_initializers
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from compiler.cli import main
+from graft.compiler.driver.cli import main
 from compile_models import (DROP_MUL, INVALID_GRAPH, RAISES_AT_IMPORT, RAISES_IN_REWRITE, WRONG_DIV,
                             checker_failing_model, conv_bn_model, custom_domain_model, cycle_model, rule_file, save)
 
@@ -45,7 +45,7 @@ def test_compile_writes_output_and_prints_summary(small_path, tmp_path):
 
 def test_cli_writes_the_bytes_the_api_saves(small_path, tmp_path):
     """`graft compile` writes the serialization onnx.checker checked; it must equal a fresh save."""
-    from compiler import compile as graft_compile
+    from graft.compiler import compile as graft_compile
 
     out = tmp_path / "cli.onnx"
     r = invoke("compile", small_path, "-o", out, "-q")
@@ -114,7 +114,7 @@ def test_numeric_mismatch_blames_rule_and_no_verify_writes(small_path, tmp_path)
 
 def _bad_inputs(tmp_path: Path, small_path: Path) -> dict:
     """name → (argv after 'compile', text the error must contain)."""
-    real = Path(__import__("compiler.zoo", fromlist=["zoo"]).ppocr_path("ppocr-cls")).read_bytes()
+    real = Path(__import__("graft.ir.zoo", fromlist=["zoo"]).ppocr_path("ppocr-cls")).read_bytes()
     (tmp_path / "trunc.onnx").write_bytes(real[: len(real) // 2])
     (tmp_path / "notes.onnx").write_text("these are my notes, not a model\n")
     save(checker_failing_model(), tmp_path / "checker.onnx")
@@ -177,7 +177,7 @@ def test_graft_debug_shows_traceback(tmp_path):
 
 
 def test_rules_lists_builtins_and_pipelines():
-    import rules
+    from graft import rules
 
     r = invoke("rules")
     assert r.exit_code == 0, r.stderr
@@ -222,7 +222,7 @@ def test_console_script_in_a_real_process(tmp_path):
     bad = subprocess.run([str(graft), "compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "x.onnx")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("graft: error: ")
-    code = ("import sys; from compiler.cli import main\n"
+    code = ("import sys; from graft.compiler.driver.cli import main\n"
             f"try: main(['compile', {str(small)!r}, '-o', {str(tmp_path / 'p.onnx')!r}, '-q'])\n"
             "except SystemExit as e: assert e.code == 0, e.code\n"
             "print('torch' in sys.modules)")
@@ -243,19 +243,19 @@ def test_example_compile_real_model_runs(tmp_path, capsys):
 
 
 def test_example_custom_rule_is_short_and_loads():
-    from compiler.user_rules import load_rule_file
+    from graft.compiler.driver.user_rules import load_rule_file
 
     assert len(EXAMPLE_RULE.read_text().splitlines()) <= 15
     assert [r.name for r in load_rule_file(EXAMPLE_RULE)] == ["div_to_mul"]
 
 
 def test_internal_errors_are_one_line_too(tmp_path, small_path, monkeypatch):
-    import compiler.api
+    import graft.compiler.driver.api
 
     def broken(*a, **k):
         raise AttributeError("'NoneType' object has no attribute 'graph'")
 
-    monkeypatch.setattr(compiler.api, "compile", broken)
+    monkeypatch.setattr(graft.compiler.driver.api, "compile", broken)
     r = invoke("compile", small_path, "-o", tmp_path / "o.onnx")
     assert r.exit_code == 1 and not (tmp_path / "o.onnx").exists()
     assert r.stderr.count("\n") == 1

@@ -1,4 +1,4 @@
-"""compiler.diff / `graft diff`: node matching, rule provenance, op and parameter deltas, CLI."""
+"""graft.compiler.driver.diff / `graft diff`: node matching, rule provenance, op and parameter deltas, CLI."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import ir
-from compiler import Const, Rule, Var, op, rewrite
-from compiler.cli import main
-from compiler.diff import diff_models
-from rules.fold_batchnorm import fold_batchnorm_into_conv
+from graft import ir
+from graft.compiler import Const, Rule, Var, op, rewrite
+from graft.compiler.driver.cli import main
+from graft.compiler.driver.diff import diff_models
+from graft.rules.fold_batchnorm import fold_batchnorm_into_conv
 
 RULE = "fold_batchnorm_into_conv"
 
@@ -147,7 +147,7 @@ def test_rule_made_initializers_carry_provenance(cls_a, cls_b):
 
 def test_optimize_pipeline_is_explained_by_its_rules(cls_a):
     """Real pipeline: Constants become initializers, BNs fold, constants fold: each removal has a rule."""
-    from compiler.passes import get_pipeline
+    from graft.rules.pipelines import get_pipeline
 
     res = get_pipeline("optimize").run(ir.from_onnx(cls_a))
     b = ir.to_onnx(res.model)
@@ -356,7 +356,7 @@ def test_cli_does_not_import_torch(cls_files):
     import sys
 
     a, b = cls_files
-    code = ("import sys; from click.testing import CliRunner; from compiler.cli import main; "
+    code = ("import sys; from click.testing import CliRunner; from graft.compiler.driver.cli import main; "
             f"r = CliRunner().invoke(main, ['diff', {str(a)!r}, {str(b)!r}, '--check']); assert r.exit_code == 0; "
             f"r = CliRunner().invoke(main, ['explain', {RULE!r}, {str(a)!r}]); assert r.exit_code == 0; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
-from compiler import (Attr, Const, PatternError, Rule, RuleDefinitionError, RuleError, StopReason, Var, explain,
+from graft import ir
+from graft.compiler import (Attr, Const, PatternError, Rule, RuleDefinitionError, RuleError, StopReason, Var, explain,
                       op, rewrite)
-from compiler.rewriter import PROVENANCE_REPLACED, PROVENANCE_RULE
+from graft.compiler.engine.rewriter import PROVENANCE_REPLACED, PROVENANCE_RULE
 from conftest import assert_same_outputs, with_initializers
-from ir.printer import print_graph
-from ir.verifier import problems
-from rules.fold_batchnorm import fold_batchnorm_into_conv
+from graft.ir.printer import print_graph
+from graft.ir.verifier import problems
+from graft.rules.fold_batchnorm import fold_batchnorm_into_conv
 
 HERE = os.path.abspath(__file__)
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -421,8 +421,8 @@ def test_provenance_in_metadata_props():
 DETERMINISM = r"""
 import hashlib, sys
 import numpy as np
-import compiler
-from compiler import Const, Rule, Var, op
+from graft import compiler
+from graft.compiler import Const, Rule, Var, op
 x = Var("x")
 # a commutative rule (both input orders) and a pattern that binds several nodes
 rules = [Rule("add_zero", op.Add(x, Const("z", where=lambda a: not a.any())), lambda op, m: m[x])]

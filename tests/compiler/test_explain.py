@@ -9,10 +9,10 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
-import ir
-from compiler import explain
-from compiler.cli import main
-from rules.fold_batchnorm import fold_batchnorm_into_conv
+from graft import ir
+from graft.compiler import explain
+from graft.compiler.driver.cli import main
+from graft.rules.fold_batchnorm import fold_batchnorm_into_conv
 from conftest import with_initializers
 
 RULE = "fold_batchnorm_into_conv"
@@ -89,7 +89,7 @@ def test_cli_nearest_misses_with_reasons(miss_model):
 def test_cli_rule_from_file(tmp_path, miss_model):
     rules_py = tmp_path / "my_rules.py"
     rules_py.write_text(textwrap.dedent("""
-        from compiler import Rule, Var, op
+        from graft.compiler import Rule, Var, op
 
         x = Var("x")
         relu_after_conv = Rule("relu_after_conv", op.Relu(op.Conv(x, Var("w"), name="conv"), name="relu"),

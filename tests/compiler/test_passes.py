@@ -6,15 +6,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import ir
-from compiler import Const, Rule, RuleDefinitionError, RuleError, RuleSet, StopReason, Var, op
-from compiler.passes import (FunctionPass, Pass, PassResult, Pipeline, RewritePass, get_pipeline, pipeline_doc,
-                             pipeline_names, register_pipeline, unregister_pipeline)
+from graft import ir
+from graft.compiler import Const, Rule, RuleDefinitionError, RuleError, RuleSet, StopReason, Var, op
+from graft.compiler.engine.passes import FunctionPass, Pass, PassResult, Pipeline, RewritePass
+from graft.rules.pipelines import get_pipeline, pipeline_doc, pipeline_names, register_pipeline, unregister_pipeline
 from compile_models import conv_bn_model
 from conftest import assert_same_outputs, parse_model
-from rules import fold_batchnorm
-from rules.cleanup import remove_identity
-from rules.pipelines import with_user_rules
+from graft.rules import fold_batchnorm
+from graft.rules.cleanup import remove_identity
+from graft.rules.pipelines import with_user_rules
 
 IDENTITY_CHAIN = """<ir_version: 10, opset_import: ["" : 17]>
 g (float[2, 3] x) => (float[2, 3] y) {

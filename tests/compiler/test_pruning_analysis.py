@@ -6,10 +6,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import ir
-from compiler import numeric
-from compiler.pruning import PruneConfig, analyze, prune
-from compiler.pruning.api import prepare
+from graft import ir
+from graft.compiler.techniques import numeric
+from graft.compiler.techniques.pruning import PruneConfig, analyze, prune
+from graft.compiler.techniques.pruning.api import prepare
 from tests.compiler.pruning_models import prune_with_oracle
 
 RNG = np.random.default_rng(0)

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import ir
-from compiler import numeric
-from compiler.pruning import PruneConfig, PruneError, SelectionError, analyze, prune
-from compiler.pruning.report import GroupRow
+from graft import ir
+from graft.compiler.techniques import numeric
+from graft.compiler.techniques.pruning import PruneConfig, PruneError, SelectionError, analyze, prune
+from graft.compiler.techniques.pruning.report import GroupRow
 from tests.compiler.pruning_models import prune_with_oracle
 
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -292,7 +292,7 @@ def _report(heads: list[tuple[int, int, int]], hidden: tuple[int, int] | None):
 def test_transformer_config_updates_say_when_the_config_cannot_rebuild_the_model(heads, hidden, updates, problem):
     import transformers
 
-    from compiler.pruning.torch_path import transformer_config_updates
+    from graft.compiler.techniques.pruning.torch_path import transformer_config_updates
 
     cfg = transformers.BertConfig(hidden_size=heads[0][0] * heads[0][2], num_attention_heads=heads[0][0])
     report = _report(heads, hidden)
@@ -330,7 +330,7 @@ def test_bench_counts_both_tools_alike_and_graft_cuts_at_least_as_much(tmp_path,
 def test_torch_module_in_train_mode_is_compared_in_eval_mode_and_left_untouched():
     import torch
 
-    from compiler.pruning.torch_path import prune_torch
+    from graft.compiler.techniques.pruning.torch_path import prune_torch
     from examples.torch_models import resnet_style
 
     module, args = resnet_style()

@@ -9,12 +9,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-import ir
-from compiler import compile, numeric
-from compiler.cli import main
-from compiler.pruning import PruneConfig, analyze, select
-from compiler.pruning.api import prepare
-from compiler.pruning.taylor import gradients
+from graft import ir
+from graft.compiler import compile
+from graft.compiler.techniques import numeric
+from graft.compiler.driver.cli import main
+from graft.compiler.techniques.pruning import PruneConfig, analyze, select
+from graft.compiler.techniques.pruning.api import prepare
+from graft.compiler.techniques.pruning.taylor import gradients
 from examples.torch_models import resnet_style
 from tests.compiler.pruning_models import tiny_bert
 

@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-import ir
-from compiler import numeric
-from compiler.pruning import PruneConfig, prune
-from compiler.pruning.torch_path import prune_torch
+from graft import ir
+from graft.compiler.techniques import numeric
+from graft.compiler.techniques.pruning import PruneConfig, prune
+from graft.compiler.techniques.pruning.torch_path import prune_torch
 from examples.torch_models import mobilenetv3_style, resnet_style
 from tests.compiler.pruning_models import export, prune_with_oracle, tiny_bert, tiny_vit
 
@@ -73,8 +73,8 @@ def test_cnn_onnx_half_prunes_every_stage_and_equals_masked_original(cnn_onnx, n
 
 
 def test_resnet_residual_stage_is_one_group(cnn_onnx):
-    from compiler.pruning import analyze
-    from compiler.pruning.api import prepare
+    from graft.compiler.techniques.pruning import analyze
+    from graft.compiler.techniques.pruning.api import prepare
 
     m = ir.load(cnn_onnx["resnet"])
     prepare(m)
@@ -182,7 +182,7 @@ def test_minilm_heads_prune_and_hidden_is_blocked_by_its_output(minilm_onnx_path
 def test_ppocr_det_and_rec_prune_to_valid_running_models(name):
     # det: FPN with ConvTranspose upsampling and Concat; rec: SVTR blocks with packed q/k/v
     # projections, LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div
-    from compiler import zoo
+    from graft.ir import zoo
 
     m = ir.load(zoo.ppocr_path(name))
     report = prune(m, PruneConfig(ratio=0.5, dim_sizes={"?": 48}), check=True)

@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import ir
-from compiler.pruning import PruneConfig, PruneError, SelectionError, analyze, prune, select
-from compiler.pruning.importance import CriterionError, scores
+from graft import ir
+from graft.compiler.techniques.pruning import PruneConfig, PruneError, SelectionError, analyze, prune, select
+from graft.compiler.techniques.pruning.importance import CriterionError, scores
 
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
 TWO_LAYERS = HEAD + """

@@ -8,9 +8,9 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
-import ir
-from compiler.calibration import CalibrationDataError
-from compiler.quantization import QuantizationError, quantize
+from graft import ir
+from graft.compiler.techniques.calibration import CalibrationDataError
+from graft.compiler.techniques.quantization import QuantizationError, quantize
 from conftest import with_initializers
 
 CNN = """<ir_version: 10, opset_import: ["" : 17]>
@@ -60,7 +60,7 @@ def test_auto_without_calibration_skips_static_and_says_why(cnn):
 
 
 def test_auto_with_an_impossible_budget_keeps_the_most_accurate(cnn):
-    from compiler.quantization.auto import auto_quantize
+    from graft.compiler.techniques.quantization.auto import auto_quantize
 
     ar = auto_quantize(cnn, feeds(), budget=1.01, progress=False)
     best = max((c for c in ar.candidates[1:] if c.result is not None), key=lambda c: c.score)
@@ -79,7 +79,7 @@ def test_report_per_output_and_per_layer(cnn):
 
 
 def test_random_calibration_is_flagged_as_a_smoke_test(cnn):
-    from compiler.calibration import CalibrationData
+    from graft.compiler.techniques.calibration import CalibrationData
 
     res = quantize(cnn, "static", CalibrationData.random(ir.from_onnx(cnn), n=2, dim_sizes={"N": 1}), progress=False)
     assert any("smoke test" in n for n in res.notes)
@@ -103,7 +103,7 @@ def test_static_without_calibration_and_bad_options_fail_clearly(cnn):
 
 
 def test_compile_api_with_quantize(cnn, tmp_path):
-    from compiler import compile
+    from graft.compiler import compile
 
     res = compile(cnn, quantize="static", calibration=feeds())
     assert res.quantization is not None and res.quantization.report.outputs[0].min_cosine > 0.99
@@ -115,7 +115,7 @@ def test_compile_api_with_quantize(cnn, tmp_path):
 
 
 def test_cli_compile_quantize(cnn, tmp_path):
-    from compiler.cli import main
+    from graft.compiler.driver.cli import main
 
     src = tmp_path / "cnn.onnx"
     onnx.save(cnn, src)
@@ -142,8 +142,8 @@ def test_cli_compile_quantize(cnn, tmp_path):
 def test_torch_target_fake_quant_matches_the_onnx_qdq_model():
     """Issue 4 item 7: quantized torch model out as an fx GraphModule; outputs within one quantization step."""
     import torch
-    from compiler import compile
-    from compiler.calibration.ort_runner import run_feeds
+    from graft.compiler import compile
+    from graft.compiler.techniques.calibration.ort_runner import run_feeds
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),

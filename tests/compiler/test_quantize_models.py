@@ -14,7 +14,7 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 sys.path.insert(0, os.path.abspath(EXAMPLES))
 
-from compiler.quantization import quantize  # noqa: E402
+from graft.compiler.techniques.quantization import quantize  # noqa: E402
 
 
 def _session(src):
@@ -67,7 +67,7 @@ def test_ppocr_cls_int8_agrees_with_float_on_rendered_lines(ppocr_cls_path, text
 
 
 def test_ppocr_cls_per_channel_needs_opset_13(ppocr_cls_path):
-    from compiler.quantization import QuantizationError
+    from graft.compiler.techniques.quantization import QuantizationError
 
     with pytest.raises(QuantizationError, match=r"needs ai.onnx opset >= 13 .*imports opset 11"):
         quantize(str(ppocr_cls_path), "static-per-channel", [{"x": np.zeros((1, 3, 48, 192), np.float32)}],

@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
-from compiler import numeric, zoo
-from compiler.api import compile
+from graft.compiler.techniques import numeric
+from graft.ir import zoo
+from graft.compiler.driver.api import compile
 from conftest import assert_same_outputs
 
 

@@ -1,4 +1,4 @@
-"""compiler.shapes.infer_shapes: dtypes and shapes from onnx.shape_inference copied onto the IR."""
+"""graft.ir.shapes.infer_shapes: dtypes and shapes from onnx.shape_inference copied onto the IR."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,11 +6,11 @@ import onnx
 import onnx.parser
 import pytest
 
-import ir
-from compiler import shapes
-from compiler.shapes import ShapeInferenceWarning, infer_shapes
+from graft import ir
+from graft.ir import shapes
+from graft.ir.shapes import ShapeInferenceWarning, infer_shapes
 from conftest import parse_model, with_initializers
-from ir.dtypes import DataType
+from graft.ir.dtypes import DataType
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17{extra}]>\n'
 

@@ -17,11 +17,13 @@ import torch
 import transformers
 from click.testing import CliRunner  # noqa: E402
 
-import ir  # noqa: E402
-from compiler import CompileResult, compile, numeric, zoo  # noqa: E402
-from compiler.api import CompileError  # noqa: E402
+from graft import ir  # noqa: E402
+from graft.compiler import CompileResult, compile  # noqa: E402
+from graft.ir import zoo  # noqa: E402
+from graft.compiler.techniques import numeric
+from graft.compiler.driver.api import CompileError  # noqa: E402
 from examples.torch_models import mobilenetv3_style, resnet_style  # noqa: E402
-from ir.torch_backend import load_module  # noqa: E402
+from graft.ir.torch_backend import load_module  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -155,7 +157,7 @@ def test_optimize_folds_batchnorm_in_both_outputs(name):
     assert onnx_res.counts["fold_batchnorm_into_conv"] == n_bn
     ops = [n.op_type for n in onnx_res.proto.graph.node]
     assert "BatchNormalization" not in ops and ops.count("Conv") == n_conv
-    from ir import torch_ops_nn
+    from graft.ir import torch_ops_nn
 
     targets = [n.target for n in torch_res.module.graph.nodes if n.op == "call_function"]
     assert torch_ops_nn.BatchNormalization not in targets and targets.count(torch_ops_nn.Conv) == n_conv
@@ -172,7 +174,7 @@ def test_report_lists_lowering_rules_and_agreement():
 def test_dynamic_shapes_bert_runs_at_other_sizes():
     module, _ = bert()
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=64)}
-    from rules.lower_aten_pipeline import lower
+    from graft.rules.lower_aten_pipeline import lower
 
     inputs = {"input_ids": _ids((2, 16), 100), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     model = ir.from_torch(module, inputs, dynamic_shapes={"input_ids": dims, "attention_mask": dims})
@@ -263,7 +265,7 @@ def test_base_size_bert_to_onnx():
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def cli():
-    from compiler.cli import main
+    from graft.compiler.driver.cli import main
 
     runner = CliRunner()
     return lambda *args: runner.invoke(main, list(args), catch_exceptions=False)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from compile_models import DROP_MUL, conv_bn_model, rule_file, save
-from compiler.api import NumericMismatchError, compile
-from compiler.cli import main
-from compiler.user_rules import UserRuleFileError, load_rule_file
+from graft.compiler.driver.api import NumericMismatchError, compile
+from graft.compiler.driver.cli import main
+from graft.compiler.driver.user_rules import UserRuleFileError, load_rule_file
 from conftest import parse_model, with_initializers
 
 
@@ -100,8 +100,8 @@ def test_user_rule_may_not_take_a_pipeline_rules_name(small_path, tmp_path):
     one_line_error(invoke("compile", small_path, "-o", out, "--rules", clash),
                    "rule 'remove_identity' (")
     assert not out.exists()
-    from rules.pipelines import with_user_rules
-    from rules import cleanup
+    from graft.rules.pipelines import with_user_rules
+    from graft.rules import cleanup
 
     # the built-in Rule object itself may run again; with no pipeline the name is free
     assert len(with_user_rules("optimize", cleanup.RULES[:1]).passes) == 5

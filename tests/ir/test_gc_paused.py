@@ -1,9 +1,9 @@
-"""ir._gc.gc_paused: the cyclic collector is off inside, restored after (nesting, errors, a caller's choice)."""
+"""graft.ir._gc.gc_paused: the cyclic collector is off inside, restored after (nesting, errors, a caller's choice)."""
 import gc
 
 import pytest
 
-from ir._gc import gc_paused
+from graft.ir._gc import gc_paused
 
 
 @pytest.fixture(autouse=True)

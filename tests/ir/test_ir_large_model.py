@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-import ir
-from compiler import numeric
-from ir.onnx_io import PROTOBUF_LIMIT
+from graft import ir
+from graft.compiler.techniques import numeric
+from graft.ir.onnx_io import PROTOBUF_LIMIT
 
 N = 540_000_000  # float32 elements: 2_160_000_000 bytes > 2**31 - 1
 MARKS = {0: 1.0, N // 2: 2.0, N - 16: 3.0}  # element offset -> fill value of a 16-element run

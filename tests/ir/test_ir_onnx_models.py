@@ -6,12 +6,13 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
+from graft import ir
 import ir_models
-from compiler import Rule, Var, numeric, op, rewrite
-from compiler.rewriter import PROVENANCE_REPLACED, PROVENANCE_RULE
-from ir.verifier import problems
-from rules.fold_batchnorm import fold_batchnorm_into_conv
+from graft.compiler import Rule, Var, op, rewrite
+from graft.compiler.techniques import numeric
+from graft.compiler.engine.rewriter import PROVENANCE_REPLACED, PROVENANCE_RULE
+from graft.ir.verifier import problems
+from graft.rules.fold_batchnorm import fold_batchnorm_into_conv
 
 
 def roundtrip(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -160,7 +161,7 @@ def test_loop_roundtrip_nested_outer_scope(flag):
     assert inner.parent is body and body.parent is model.graph
     sub = inner.nodes[0]
     assert sub.inputs[0] is body.inputs[2] and sub.inputs[1] is model.graph.initializers["step"]
-    from ir._core import outer_scope_values
+    from graft.ir._core import outer_scope_values
 
     assert [v.name for v in outer_scope_values(body)] == ["step", "x", "flag"]
     assert [v.name for v in outer_scope_values(inner)] == ["acc_in", "step"]

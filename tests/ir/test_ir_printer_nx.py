@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
+from graft import ir
 import ir_models
 from conftest import parse_model, with_initializers
-from ir.nx_view import to_networkx
-from ir.printer import print_graph
+from graft.ir.nx_view import to_networkx
+from graft.ir.printer import print_graph
 
 SMALL = """<ir_version: 8, opset_import: ["" : 18, "my.domain" : 1]>
 small (float[1,3,8,8] x, bool c) => (float[1,4,8,8] h0, float[N] z) {
@@ -62,8 +62,8 @@ def test_printer_is_deterministic_and_shows_names_and_rewrites():
     assert lines[0] == "graph opset17 (%x: float32[1,3,8,8]) {"
     assert lines[1] == ("  %c = Conv(%x, %W<float32[4,3,3,3]>, %B<float32[4]>) {pads=[1, 1, 1, 1]}  # conv")
     assert lines[2].startswith("  %bn = BatchNormalization(%c, %gamma<float32[4]>,") and "{epsilon=0.001}" in lines[2]
-    from compiler import rewrite
-    from rules.fold_batchnorm import fold_batchnorm_into_conv
+    from graft.compiler import rewrite
+    from graft.rules.fold_batchnorm import fold_batchnorm_into_conv
 
     rewrite(a, [fold_batchnorm_into_conv])
     text = print_graph(a.graph)

@@ -5,9 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
-from compiler import numeric, zoo
-from ir.verifier import problems
+from graft import ir
+from graft.compiler.techniques import numeric
+from graft.ir import zoo
+from graft.ir.verifier import problems
 
 # Feeds that fit each model (PP-OCR: NCHW images; MiniLM: token ids + mask).
 FEEDS = {

@@ -5,10 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-import ir
+from graft import ir
 from conftest import parse_model
-from ir import IRError, Node, Value
-from ir.verifier import problems
+from graft.ir import IRError, Node, Value
+from graft.ir.verifier import problems
 
 TEXT = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2,3] x, float[2,3] z) => (float[2,3] y, float[2,3] s) <float[2,3] c = {1.,2.,3.,4.,5.,6.}> {

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import ir
-from ir import DataType, Graph, Model, Node, Value
-from ir.verifier import VerifyError, problems, verify
+from graft import ir
+from graft.ir import DataType, Graph, Model, Node, Value
+from graft.ir.verifier import VerifyError, problems, verify
 
 F = DataType.FLOAT
 

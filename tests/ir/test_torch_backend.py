@@ -9,10 +9,10 @@ import pytest
 
 import torch
 
-import ir  # noqa: E402
-from compiler import numeric  # noqa: E402
+from graft import ir  # noqa: E402
+from graft.compiler.techniques import numeric  # noqa: E402
 from examples.torch_models import resnet_style  # noqa: E402
-from ir.torch_backend import TorchBackendError, load_module, save_module  # noqa: E402
+from graft.ir.torch_backend import TorchBackendError, load_module, save_module  # noqa: E402
 import onnx.parser  # noqa: E402
 import onnx.shape_inference  # noqa: E402
 from conftest import parse_model  # noqa: E402
@@ -59,7 +59,7 @@ ZOO_FEEDS = {
 
 @pytest.mark.parametrize("name", sorted(ZOO_FEEDS))
 def test_ppocr_onnx_to_torch_matches_onnxruntime(name):
-    from compiler import zoo
+    from graft.ir import zoo
 
     proto = onnx.load(str(zoo.ppocr_path(name)))
     feeds = ZOO_FEEDS[name](np.random.default_rng(0))
@@ -211,7 +211,7 @@ def test_qdq_pairs_become_fake_quantize_per_tensor_and_per_channel(qdq_model):
     gm = run_both(qdq_model, {"x": x}, atol=1e-5)
     code = gm.code
     assert code.count("fake_quantize(") == 3 and "QuantizeLinear" not in code and "DequantizeLinear" not in code
-    from ir import torch_ops_nn
+    from graft.ir import torch_ops_nn
 
     calls = [n for n in gm.graph.nodes if n.target is torch_ops_nn.fake_quantize]
     assert sorted((n.kwargs["quant_min"], n.kwargs["quant_max"]) for n in calls) == [(-128, 127), (-128, 127),
@@ -283,9 +283,9 @@ def test_every_onnx_op_the_lowering_emits_has_a_torch_implementation():
     import inspect
     import re
 
-    import ir.torch_import
-    from ir.torch_ops import lookup
-    from rules import lower_aten_math, lower_aten_nn, lower_aten_shape, lower_aten_stats, lower_aten_util
+    import graft.ir.torch_import
+    from graft.ir.torch_ops import lookup
+    from graft.rules import lower_aten_math, lower_aten_nn, lower_aten_shape, lower_aten_stats, lower_aten_util
 
     emitted = set()
     for mod in (lower_aten_nn, lower_aten_math, lower_aten_shape, lower_aten_stats, lower_aten_util):
@@ -294,8 +294,8 @@ def test_every_onnx_op_the_lowering_emits_has_a_torch_implementation():
     # ops picked from tables by name
     emitted |= set(lower_aten_math._ARITH.values()) | set(lower_aten_math._CMP.values()) | \
         set(lower_aten_math._REDUCE.values()) | {o for pair in lower_aten_math._LOGIC.values() for o in pair}
-    emitted |= set(re.findall(r'Node\("([A-Z][A-Za-z]+)"', inspect.getsource(ir.torch_import)))
-    emitted |= set(ir.torch_import._SYM_OPS.values())
+    emitted |= set(re.findall(r'Node\("([A-Z][A-Za-z]+)"', inspect.getsource(graft.ir.torch_import)))
+    emitted |= set(graft.ir.torch_import._SYM_OPS.values())
     emitted |= set(re.findall(r"\bop\.([A-Z][A-Za-z]+)\b", inspect.getsource(lower_aten_nn)))  # picked by name
     assert {"Conv", "Gemm", "LayerNormalization", "Resize", "GatherND", "ConstantOfShape", "Mod"} <= emitted
     missing = sorted(op for op in emitted if lookup(op, 18) is None)
@@ -319,7 +319,7 @@ class TiedLM(torch.nn.Module):
 
 def test_lowered_linear_keeps_source_names_and_tied_weights():
     """Linear on 3-D input lowers to MatMul(x, W^T): ONNX gets W^T, the torch module permutes the one W back."""
-    from rules.lower_aten_pipeline import lower
+    from graft.rules.lower_aten_pipeline import lower
 
     torch.manual_seed(0)
     m = TiedLM().eval()

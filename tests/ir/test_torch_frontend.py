@@ -10,10 +10,10 @@ import torch
 import transformers
 from torch import nn  # noqa: E402
 
-import ir  # noqa: E402
+from graft import ir  # noqa: E402
 from examples.torch_models import mobilenetv3_style, resnet_style  # noqa: E402
-from ir.torch_aten import DYNAMIC_ATTR, aten_args  # noqa: E402
-from ir.torch_frontend import ExampleInputError, TorchCaptureError, TorchImportError  # noqa: E402
+from graft.ir.torch_aten import DYNAMIC_ATTR, aten_args  # noqa: E402
+from graft.ir.torch_frontend import ExampleInputError, TorchCaptureError, TorchImportError  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

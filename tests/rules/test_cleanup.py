@@ -1,6 +1,6 @@
 """Cleanup rules: Identity, Dropout, no-op Cast/Reshape/Transpose, Transpose pairs, Constant nodes.
 
-Each case builds a model in ONNX text, runs rules.cleanup (after infer_shapes),
+Each case builds a model in ONNX text, runs graft.rules.cleanup (after infer_shapes),
 checks the exported ONNX (full check), the op counts and the graph-output
 names, and compares outputs with the original in onnxruntime.
 """
@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from onnx.reference import ReferenceEvaluator
 
-import ir
-from compiler import PROVENANCE_RULE, explain, rewrite, zoo
-from compiler.shapes import infer_shapes
+from graft import ir
+from graft.compiler import PROVENANCE_RULE, explain, rewrite
+from graft.ir import zoo
+from graft.ir.shapes import infer_shapes
 from conftest import assert_same_outputs, parse_model, with_initializers
-from rules import cleanup
+from graft.rules import cleanup
 
 HEADER = '<ir_version: 10, opset_import: ["" : {opset}]>\n'
 

@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import onnx.parser
 
-import ir
-from compiler import explain, rewrite
-from compiler.shapes import infer_shapes
+from graft import ir
+from graft.compiler import explain, rewrite
+from graft.ir.shapes import infer_shapes
 from conftest import assert_same_outputs, parse_model, with_initializers
-from rules import cleanup, constant_folding
-from rules.constant_folding import (MAX_ELEMENTS, fold_constants, fold_gather_of_shape, fold_shape,
+from graft.rules import cleanup, constant_folding
+from graft.rules.constant_folding import (MAX_ELEMENTS, fold_constants, fold_gather_of_shape, fold_shape,
                                     fold_size)
-from rules.dead_code import eliminate_dead_code
+from graft.rules.dead_code import eliminate_dead_code
 
 HEADER = '<ir_version: 10, opset_import: ["" : {opset}]>\n'
 ALL = cleanup.RULES + constant_folding.RULES

@@ -1,4 +1,4 @@
-"""rules.dead_code.eliminate_dead_code: unused nodes and initializers, subgraphs included."""
+"""graft.rules.dead_code.eliminate_dead_code: unused nodes and initializers, subgraphs included."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import onnx.parser
 
-import ir
+from graft import ir
 from conftest import assert_same_outputs, parse_model, with_initializers
-from rules.dead_code import eliminate_dead_code
+from graft.rules.dead_code import eliminate_dead_code
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>\n'
 

@@ -1,6 +1,6 @@
 """BatchNormalization folding into Conv, ConvTranspose, Gemm and MatMul(+Add).
 
-Each case builds a model in ONNX text, rewrites it with rules.fold_batchnorm,
+Each case builds a model in ONNX text, rewrites it with graft.rules.fold_batchnorm,
 checks the exported ONNX (full check), counts ops, and compares outputs with the
 original in onnxruntime.
 """
@@ -15,10 +15,10 @@ from onnx.reference import ReferenceEvaluator
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import ir
-from compiler import PROVENANCE_REPLACED, PROVENANCE_RULE, explain, rewrite
+from graft import ir
+from graft.compiler import PROVENANCE_REPLACED, PROVENANCE_RULE, explain, rewrite
 from conftest import assert_same_outputs, with_initializers
-from rules.fold_batchnorm import (RULES, fold_batchnorm_into_conv, fold_batchnorm_into_conv_transpose,
+from graft.rules.fold_batchnorm import (RULES, fold_batchnorm_into_conv, fold_batchnorm_into_conv_transpose,
                                   fold_batchnorm_into_gemm, fold_batchnorm_into_matmul,
                                   fold_batchnorm_into_matmul_add)
 

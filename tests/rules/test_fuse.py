@@ -1,4 +1,4 @@
-"""MatMul + Add -> Gemm fusion (rules.fuse): where shapes allow it, and refusals where they do not."""
+"""MatMul + Add -> Gemm fusion (graft.rules.fuse): where shapes allow it, and refusals where they do not."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,11 +8,11 @@ import onnx
 import onnx.parser
 import pytest
 
-import ir
-from compiler import PROVENANCE_RULE, explain, rewrite
+from graft import ir
+from graft.compiler import PROVENANCE_RULE, explain, rewrite
 from conftest import assert_same_outputs, with_initializers
-from rules import fold_batchnorm
-from rules.fuse import RULES, fuse_matmul_add_into_gemm
+from graft.rules import fold_batchnorm
+from graft.rules.fuse import RULES, fuse_matmul_add_into_gemm
 
 HEADER = '<ir_version: 10, opset_import: ["" : {opset}]>\n'
 
@@ -115,8 +115,8 @@ def test_rank_from_value_info():
 
 
 def test_rank_from_compiler_shapes():
-    """The same model typed in the IR by compiler.shapes.infer_shapes."""
-    from compiler.shapes import infer_shapes
+    """The same model typed in the IR by graft.ir.shapes.infer_shapes."""
+    from graft.ir.shapes import infer_shapes
 
     proto = build("""
         g (float[3, 5] x) => (float[3, 4] y) {

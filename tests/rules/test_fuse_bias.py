@@ -1,4 +1,4 @@
-"""Per-channel constant Add after Conv / ConvTranspose folds into the bias (rules.fuse_bias)."""
+"""Per-channel constant Add after Conv / ConvTranspose folds into the bias (graft.rules.fuse_bias)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,11 +8,11 @@ import onnx
 import onnx.parser
 import pytest
 
-import ir
-from compiler import compile, explain, rewrite
+from graft import ir
+from graft.compiler import compile, explain, rewrite
 from conftest import assert_same_outputs, with_initializers
-from rules import fold_batchnorm
-from rules.fuse_bias import RULES, fuse_add_into_conv_bias
+from graft.rules import fold_batchnorm
+from graft.rules.fuse_bias import RULES, fuse_add_into_conv_bias
 
 RNG = np.random.default_rng(0)
 

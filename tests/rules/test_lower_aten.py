@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import ir  # noqa: E402
-from compiler import numeric  # noqa: E402
-from ir.torch_aten import UnloweredOpError, check_lowered, overload, unlowered_ops  # noqa: E402
-from rules.lower_aten_pipeline import LOWERING_RULES, lower  # noqa: E402
+from graft import ir  # noqa: E402
+from graft.compiler.techniques import numeric  # noqa: E402
+from graft.ir.torch_aten import UnloweredOpError, check_lowered, overload, unlowered_ops  # noqa: E402
+from graft.rules.lower_aten_pipeline import LOWERING_RULES, lower  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

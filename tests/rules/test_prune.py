@@ -8,9 +8,9 @@ import torch
 from onnx import numpy_helper
 from torch.nn.utils import prune as torch_prune
 
-import ir
-from compiler import numeric
-from compiler.pruning import PruneConfig, prune
+from graft import ir
+from graft.compiler.techniques import numeric
+from graft.compiler.techniques.pruning import PruneConfig, prune
 from examples.torch_models import resnet_style
 from tests.compiler.pruning_models import export, tiny_bert
 
@@ -102,7 +102,7 @@ def test_constant_channel_is_compensated_in_the_next_bias_exactly():
 
 def test_consumer_columns_all_zero_make_a_channel_removable_in_ppocr_cls(ppocr_cls_path):
     m = ir.load(ppocr_cls_path)
-    from compiler.pruning.api import prepare
+    from graft.compiler.techniques.pruning.api import prepare
 
     prepare(m)
     proto = ir.to_onnx(m)
@@ -225,7 +225,7 @@ def test_torch_ln_structured_filter_masks_on_resnet_are_removed_exactly(tmp_path
 
 @pytest.mark.filterwarnings("ignore:The tensor attributes:UserWarning")  # torch.export on prune's hooks
 def test_torch_path_with_attached_prune_masks_removes_masked_filters_exactly():
-    from compiler.pruning import prune_torch
+    from graft.compiler.techniques.pruning import prune_torch
 
     mod, args = resnet_style()
     for block in mod.layers:  # masks stay attached: the captured graph computes weight_orig * weight_mask

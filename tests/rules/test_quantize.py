@@ -10,17 +10,17 @@ import onnx.parser
 import onnxruntime as ort
 import pytest
 
-import ir
-from compiler.quantization import QuantizationError, QuantizationWarning, quantize
-from compiler.quantization.context import QuantContext, dq_params
-from compiler.quantization.params import (INT8_SYM, UINT8_ASYM, activation_params, dequantize, quantize as
+from graft import ir
+from graft.compiler.techniques.quantization import QuantizationError, QuantizationWarning, quantize
+from graft.rules.quantize_context import QuantContext, dq_params
+from graft.rules.quantize_params import (INT8_SYM, UINT8_ASYM, activation_params, dequantize, quantize as
                                           np_quantize, weight_params)
-from compiler.rewriter import rewrite
-from compiler.shapes import infer_shapes
+from graft.compiler.engine.rewriter import rewrite
+from graft.ir.shapes import infer_shapes
 from conftest import with_initializers
-from rules import quantize_propagate
-from rules.quantize_dynamic import smoothing_rules
-from rules.quantize_static import static_rules
+from graft.rules import quantize_propagate
+from graft.rules.quantize_dynamic import smoothing_rules
+from graft.rules.quantize_static import static_rules
 
 HEADER = '<ir_version: 10, opset_import: ["" : {opset}]>\n'
 
@@ -165,8 +165,8 @@ def test_int8_symmetric_activations_keep_relu(cnn):
 
 
 def test_exclusions_by_name_op_type_glob_and_pattern(cnn):
-    from compiler import Var, op
-    from compiler.quantization.context import node_key
+    from graft.compiler import Var, op
+    from graft.rules.quantize_context import node_key
 
     cases = {"name": (["c2"], {"c2"}), "op type": (["Gemm"], {"y"}), "glob": (["c*"], {"c1", "c2"}),
              "pattern": ([op.Relu(op.Conv(Var("a"), Var("b"), Var("c"), name="conv"))], {"c1", "c2"})}
@@ -258,7 +258,7 @@ def test_fold_relu_and_clip_only_when_exact():
 
 
 def test_rules_explain_why_not(cnn):
-    from compiler import explain
+    from graft.compiler import explain
 
     model = ir.from_onnx(cnn)
     infer_shapes(model)
@@ -375,7 +375,7 @@ def test_dynamic_gemm_with_transposed_weight_and_bias():
 
 def test_smoothing_and_channel_splitting_are_exact_in_float():
     """The migration alone (before quantization) leaves x W unchanged: Σ a_j b_j = 1 per channel."""
-    from compiler.quantization.smooth import Migration
+    from graft.compiler.techniques.quantization.smooth import Migration
 
     rng = np.random.default_rng(0)
     proto = build("""
@@ -419,7 +419,7 @@ def test_channel_splitting_reduces_dynamic_error_with_an_outlier_channel():
 
 
 def test_split_budget_caps_extra_channels_and_splits_the_largest(monkeypatch):
-    from compiler.quantization import smooth
+    from graft.compiler.techniques.quantization import smooth
 
     monkeypatch.setattr(smooth, "SPLIT_BUDGET", 8)
     amax = np.ones(64)
@@ -438,7 +438,7 @@ def test_split_budget_caps_extra_channels_and_splits_the_largest(monkeypatch):
 
 
 def test_outlier_only_smoothing_factors():
-    from compiler.quantization import smooth
+    from graft.compiler.techniques.quantization import smooth
 
     amax = np.ones(32)
     amax[7] = 30.0
@@ -449,7 +449,7 @@ def test_outlier_only_smoothing_factors():
 
 
 def test_residual_add_as_sum_is_exact_and_avoids_skip_layernorm(tmp_path):
-    from rules.quantize_ort import RULES as ORT_RULES
+    from graft.rules.quantize_ort import RULES as ORT_RULES
 
     rng = np.random.default_rng(0)
     proto = build("""

@@ -1,0 +1,124 @@
+"""Load a user's rule file (``graft compile --rules my_rules.py``).
+
+The file is imported as a fresh module (never added to ``sys.modules`` under a
+name that could shadow a real package). Its rules are the module's ``RULES``
+list when it defines one, else every :class:`compiler.Rule` bound at module
+level, in definition order.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+
+from graft.compiler.engine.pattern import PatternError
+from graft.compiler.engine.rule import Rule
+
+_counter = itertools.count()
+# Real paths of the rule files loaded so far: an exception whose traceback runs through one
+# of them (a pattern predicate, say) is the user's rule's fault, not graft's (see user_frame).
+_LOADED: set[str] = set()
+
+
+class UserRuleFileError(ValueError):
+    """A rule file that is missing, fails to import, or defines no rules.
+
+    The message starts with ``file:line`` where the fault is known.
+    """
+
+
+def _where(path: Path, exc: BaseException) -> str:
+    """``file:line`` of the deepest frame of ``exc``'s traceback inside ``path``."""
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return f"{path}:{exc.lineno}"
+    line = None
+    target = os.path.realpath(path)
+    for fs in traceback.extract_tb(exc.__traceback__):
+        if os.path.realpath(fs.filename) == target:
+            line = fs.lineno
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def load_rule_file(path: str | os.PathLike) -> list[Rule]:
+    """Import ``path`` and return its rules.
+
+    Returns:
+        the ``RULES`` list if the module defines one, else all module-level
+        :class:`Rule` objects in definition order.
+
+    Raises:
+        UserRuleFileError: missing file, import error (``file:line: ErrorType: message``),
+            a ``RULES`` entry that is not a Rule, or no rules at all.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserRuleFileError(f"{path}: is a directory, expected a .py rule file")
+    if not path.is_file():
+        raise UserRuleFileError(f"{path}: no such rule file")
+    mod_name = f"graft_user_rules_{next(_counter)}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise UserRuleFileError(f"{path}: cannot be imported as Python (is it a .py file?)")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses / pickling look the module up by name while it executes
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except PatternError as e:  # RuleDefinitionError included: a malformed pattern or rule
+        msg = re.sub(r"^\S+:\d+: ", "", str(e))  # the location is given once, in front
+        raise UserRuleFileError(f"{_where(path, e)}: invalid rule: {msg}") from e
+    except SystemExit as e:  # sys.exit() in a rule file must not end graft silently
+        raise UserRuleFileError(f"{_where(path, e)}: the rule file called sys.exit({e.code!r}) while being "
+                                f"imported (a rule file only defines rules)") from e
+    except Exception as e:  # noqa: BLE001 — any import-time failure is the user's file's fault
+        raise UserRuleFileError(f"{_where(path, e)}: importing the rule file raised "
+                                f"{type(e).__name__}: {e}") from e
+    finally:
+        sys.modules.pop(mod_name, None)
+    _LOADED.add(os.path.realpath(path))
+    if hasattr(module, "RULES"):
+        if isinstance(module.RULES, (Rule, str, bytes)) or not hasattr(module.RULES, "__iter__"):
+            raise UserRuleFileError(f"{path}: RULES is {type(module.RULES).__name__} {module.RULES!r}; it must be a "
+                                    f"list of compiler.Rule")
+        rules = list(module.RULES)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise UserRuleFileError(f"{path}: RULES[{i}] is {type(r).__name__} {r!r}, not a compiler.Rule")
+    else:
+        rules = list(dict.fromkeys(v for v in vars(module).values() if isinstance(v, Rule)))
+    if not rules:
+        raise UserRuleFileError(f"{path}: defines no compiler.Rule (define rules at module level "
+                                f"or list them in RULES)")
+    return rules
+
+
+def load_rule_files(paths) -> list[Rule]:
+    """Rules of several files, in order. Raises :class:`UserRuleFileError` (see :func:`load_rule_file`)."""
+    out: list[Rule] = []
+    for p in paths:
+        out.extend(load_rule_file(p))
+    return out
+
+
+def user_frame(exc: BaseException) -> str | None:
+    """``file:line`` of the deepest frame of ``exc``'s traceback inside a loaded rule file, or None.
+
+    Tells a fault in a user's rule (a ``Const``/attribute predicate that raises while the
+    matcher runs it, say) from a fault in graft.
+    """
+    where = None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # the raising frame may sit in a chained exception
+        seen.add(id(e))
+        for fs in traceback.extract_tb(e.__traceback__):
+            if os.path.realpath(fs.filename) in _LOADED:
+                where = f"{fs.filename}:{fs.lineno}"
+        if where is not None:
+            return where
+        e = e.__cause__ or e.__context__
+    return None
