@@ -21,8 +21,9 @@ from graft.compiler.engine import (PROVENANCE_REPLACED, PROVENANCE_RULE, Attr, C
                                    Rule, RuleDefinitionError, RuleError, RuleSet, StopReason, Var, explain, op,
                                    rewrite, variables)
 
-# Names from the layers above the engine, loaded on first use: the driver pulls in the
-# rules, the techniques and onnxruntime, and the rules import the engine through this package.
+# Names from the layers above the engine, loaded on first use: the driver pulls in the rules,
+# the techniques and onnxruntime, and importing graft.compiler.engine (as every rule does) runs
+# this file first, so an eager import here would be circular at run time.
 _LAZY = {
     "compile": "graft.compiler.driver.api",
     "CompileResult": "graft.compiler.driver.api",

@@ -6,9 +6,12 @@ Public API:
     verify(model) — structural checks (topological order, dangling values, arity).
     print_graph(graph) — stable one-line-per-node text.
     to_networkx(graph) — a networkx.MultiDiGraph view.
+    outer_scope_values(graph) — what a subgraph reads from the graphs around it.
+    gc_paused() — a context manager pausing the cyclic GC around bulk IR work (import, rewrite).
     from_torch / to_torch — torch frontend/backend (imported lazily; need torch).
 """
-from graft.ir._core import Graph, IRError, Model, Node, Tensor, Value
+from graft.ir._core import Graph, IRError, Model, Node, Tensor, Value, outer_scope_values
+from graft.ir._gc import gc_paused
 from graft.ir.dtypes import DataType
 from graft.ir.onnx_io import ModelLoadError, from_onnx, load, save, to_onnx
 
@@ -30,9 +33,9 @@ def __getattr__(name):
     if name == "to_networkx":
         from graft.ir.nx_view import to_networkx
         return to_networkx
-    raise AttributeError(f"module 'ir' has no attribute {name!r}")
+    raise AttributeError(f"module 'graft.ir' has no attribute {name!r}")
 
 
 __all__ = ["Graph", "IRError", "Model", "Node", "Tensor", "Value", "DataType", "ModelLoadError",
            "from_onnx", "load", "save", "to_onnx", "from_torch", "to_torch", "verify", "VerifyError",
-           "print_graph", "to_networkx"]
+           "print_graph", "to_networkx", "outer_scope_values", "gc_paused"]

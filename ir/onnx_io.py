@@ -5,22 +5,32 @@ this module only maps protos onto IR objects and back. Everything the IR does no
 model (functions, training info, sparse initializers, non-tensor types) is kept
 verbatim, and unmodified tensors are written from their original protos, so a
 load→save round trip is lossless.
+
+Large models: :func:`load` leaves weights in their external data files (memory-mapped when
+read, :mod:`graft.ir.external_data`), and :func:`save` streams them to the output's data file
+one tensor at a time, file to file where they were never changed (issue 11).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from graft.ir import external_data as extdata
 from graft.ir._core import Graph, IRError, Model, Node, Tensor, Value
 from graft.ir._gc import gc_paused
 from graft.ir.dtypes import DataType, dtype_of
+from graft.ir.tensor_proto import model_tensors
 
 # ONNX protobuf cannot serialize more than 2 GiB in one message.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -31,87 +41,21 @@ class ModelLoadError(ValueError):
 
 
 # --------------------------------------------------------------------------- tensors
-# Element types whose raw_data is one little-endian numpy scalar per element: read with
-# np.frombuffer directly (what numpy_helper.to_array ends up doing, without its dispatch).
-_RAW_NUMPY = {int(k): np.dtype(v) for k, v in (
-    (onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.DOUBLE, np.float64),
-    (onnx.TensorProto.FLOAT16, np.float16), (onnx.TensorProto.BOOL, np.bool_),
-    (onnx.TensorProto.INT8, np.int8), (onnx.TensorProto.INT16, np.int16),
-    (onnx.TensorProto.INT32, np.int32), (onnx.TensorProto.INT64, np.int64),
-    (onnx.TensorProto.UINT8, np.uint8), (onnx.TensorProto.UINT16, np.uint16),
-    (onnx.TensorProto.UINT32, np.uint32), (onnx.TensorProto.UINT64, np.uint64))}
-_LITTLE_ENDIAN = sys.byteorder == "little"
-_EXTERNAL = onnx.TensorProto.EXTERNAL
-
-
-def tensor_proto_to_array(proto, shape: tuple | None = None) -> np.ndarray:
-    """The tensor's data as a read-only array (``onnx.numpy_helper.to_array`` semantics).
-
-    ``shape``: the proto's dims when the caller already has them as a tuple.
-    """
-    dt = _RAW_NUMPY.get(proto.data_type)
-    if dt is not None and _LITTLE_ENDIAN:
-        raw = proto.raw_data  # b"" when unset: an empty raw_data goes through numpy_helper as before
-        if raw and proto.data_location != _EXTERNAL and not proto.HasField("segment"):
-            arr = np.frombuffer(raw, dtype=dt)
-            if shape is None:
-                shape = tuple(proto.dims)
-            # a 1-D tensor of the right length needs no reshape (a third of the decode of a small tensor)
-            # (read-only already: a view of immutable bytes)
-            return arr if len(shape) == 1 and arr.shape == shape else arr.reshape(shape)
-    arr = numpy_helper.to_array(proto)
-    arr.setflags(write=False)
-    return arr
-
-
-def constant_node_array(node: Node) -> np.ndarray | None:
-    """The value of a ``Constant`` node given by any of its ``value_*`` attributes."""
-    a = node.attrs
-    if "value_float" in a:
-        return np.array(a["value_float"], dtype=np.float32)
-    if "value_floats" in a:
-        return np.array(a["value_floats"], dtype=np.float32)
-    if "value_int" in a:
-        return np.array(a["value_int"], dtype=np.int64)
-    if "value_ints" in a:
-        return np.array(a["value_ints"], dtype=np.int64)
-    if "value_string" in a:
-        return np.array(a["value_string"], dtype=object)
-    if "value_strings" in a:
-        return np.array(a["value_strings"], dtype=object)
-    return None
-
-
-def _tensor_to_proto(t: Tensor, name: str):
-    if t.proto is not None:
-        p = t.proto
-        if p.name != name:
-            p.name = name
-        return p
-    arr = t.array
-    raw_dt = _RAW_NUMPY.get(int(t.dtype))
-    if raw_dt is not None and raw_dt == arr.dtype and _LITTLE_ENDIAN:
-        # what numpy_helper.from_array writes for these types, without its dispatch
-        p = onnx.TensorProto()
-        p.name = name
-        p.data_type = int(t.dtype)
-        p.dims.extend(arr.shape)
-        p.raw_data = arr.tobytes()
-    elif t.dtype == DataType.STRING:
-        p = numpy_helper.from_array(np.asarray(arr, dtype=object), name)
-    else:
-        p = numpy_helper.from_array(arr, name)
-        if p.data_type != int(t.dtype):
-            p = helper.make_tensor(name, int(t.dtype), arr.shape, arr.tobytes(), raw=True)
-    if t.doc_string:
-        p.doc_string = t.doc_string
-    t._proto = p
-    return p
+# How to_onnx writes tensors still in an external data file (graft.ir.external_data): None (read the
+# bytes in: a self-contained proto), "keep" (leave the reference: a proto for graft's own round
+# trips, not valid ONNX), or a _DataSink (write large initializers to the output's data file).
+_EXPORT: contextvars.ContextVar = contextvars.ContextVar("graft_export_external", default=None)
 
 
 def _initializer_proto(v: Value, name: str):
     """The initializer's TensorProto with the value's ``graft.*`` metadata (rule provenance)."""
-    p = _tensor_to_proto(v.const, name)
+    mode = _EXPORT.get()
+    if isinstance(mode, _DataSink) and mode.wants(v.const):
+        p = mode.write(v.const, name)
+    else:
+        p = v.const.to_proto(name)
+        if mode != "keep" and p.data_location == onnx.TensorProto.EXTERNAL and extdata.is_lazy(p):
+            p = _inlined(p, v.const.nbytes)
     if not v.meta:
         return p
     have = {e.key for e in p.metadata_props}
@@ -120,6 +64,75 @@ def _initializer_proto(v: Value, name: str):
             e = p.metadata_props.add()
             e.key, e.value = k, val
     return p
+
+
+def _inlined(p: onnx.TensorProto, nbytes: int) -> onnx.TensorProto:
+    """A copy of lazy external tensor ``p`` holding its bytes (what a self-contained proto needs)."""
+    q = onnx.TensorProto()
+    q.CopyFrom(p)
+    del q.external_data[:]
+    q.data_location = onnx.TensorProto.DEFAULT
+    q.raw_data = extdata.read_bytes(p, nbytes if p.data_type != onnx.TensorProto.STRING else None)
+    return q
+
+
+class _DataSink:
+    """Writes initializers of ``threshold`` bytes or more to an open external data file, each at a
+    4 KiB-aligned offset, and returns the stub TensorProto pointing at them (ONNX external data).
+
+    Bytes go file to file when the tensor is still in its input's data file, else straight from
+    the array's buffer: no TensorProto copy of a large tensor is ever built."""
+
+    def __init__(self, f, location: str, threshold: int):
+        self.f, self.location, self.threshold = f, location, threshold
+        self.count = 0
+        self.copied: list[tuple[onnx.TensorProto, int, int]] = []  # lazy sources: (proto, new offset, length)
+
+    def wants(self, t: Tensor) -> bool:
+        return t.dtype != DataType.STRING and t.nbytes >= self.threshold
+
+    def write(self, t: Tensor, name: str) -> onnx.TensorProto:
+        f = self.f
+        offset = f.tell()
+        if offset % _EXTERNAL_ALIGN:
+            f.write(b"\0" * (_EXTERNAL_ALIGN - offset % _EXTERNAL_ALIGN))
+            offset = f.tell()
+        p = t.proto
+        n = t.nbytes
+        # a tensor with a proto was loaded, never changed (arrays are read-only): the proto's bytes are its data
+        if p is not None and p.data_location == onnx.TensorProto.EXTERNAL and extdata.is_lazy(p):
+            extdata.copy_range(p, f, n)
+            self.copied.append((p, offset, n))
+        elif p is not None and p.HasField("raw_data"):
+            f.write(p.raw_data)
+        else:
+            _write_array(f, t.array, t.dtype, name)
+        written = f.tell() - offset
+        if written != n:
+            raise IRError(f"initializer {name!r} ({t.dtype.name.lower()} {list(t.shape)}) wrote {written} bytes of "
+                          f"external data, {n} expected")
+        stub = onnx.TensorProto(name=name, data_type=int(t.dtype), dims=list(t.shape))
+        if p is not None:
+            if p.doc_string:
+                stub.doc_string = p.doc_string
+            stub.metadata_props.extend(p.metadata_props)
+        elif t.doc_string:
+            stub.doc_string = t.doc_string
+        extdata.point_at(stub, self.location, offset, n)
+        self.count += 1
+        return stub
+
+
+def _write_array(f, arr: np.ndarray, dtype: DataType, name: str) -> None:
+    """Write ``arr``'s ONNX raw bytes (little-endian; 4-bit types packed two per byte) to ``f``."""
+    from graft.ir.tensor_proto import array_to_proto, raw_numpy_dtype
+
+    raw = raw_numpy_dtype(dtype)
+    if raw is not None and arr.dtype == raw and sys.byteorder == "little":
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        return
+    p = array_to_proto(arr, dtype, name)  # packing (int4, ...) is onnx's: one tensor's copy at a time
+    f.write(p.raw_data)
 
 
 # --------------------------------------------------------------------------- types
@@ -221,11 +234,16 @@ def _read_attr(a, scope: _Scope, parent_graph: Graph, where: str):
     return helper.get_attribute_value(a)
 
 
-def _read_graph(gp, scope: _Scope, *, parent: Graph | None = None, model: Model | None = None) -> Graph:
+def _read_graph(gp, scope: _Scope, *, parent: Graph | None = None, model: Model | None = None,
+                constant_inits: frozenset = frozenset()) -> Graph:
+    """``constant_inits``: names of initializers also listed as graph inputs that become plain
+    initializers (constants), not inputs (:func:`from_onnx`'s ``fold_initializer_inputs``)."""
     g = Graph(gp.name, parent=parent, model=model)
     g.doc_string = gp.doc_string
     g._importing = True
     for vi in gp.input:
+        if vi.name in constant_inits:
+            continue
         v = Value(vi.name)
         _set_type(v, vi.type)
         v.doc_string = vi.doc_string
@@ -301,19 +319,49 @@ def _read_graph(gp, scope: _Scope, *, parent: Graph | None = None, model: Model 
     return g
 
 
-def from_onnx(proto: onnx.ModelProto) -> Model:
+# The first IR version in which an initializer need not be a graph input (ONNX IR spec,
+# "Graphs": "IR version 3 and earlier required all initializers to be graph inputs").
+IR_VERSION_INITIALIZERS_NOT_INPUTS = 4
+# Model.meta key: names of the initializers from_onnx(fold_initializer_inputs=True) took out of the inputs.
+FOLDED_INITIALIZER_INPUTS = "_folded_initializer_inputs"
+
+
+def initializer_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Names of the main graph's initializers that are also listed as graph inputs.
+
+    In IR version 3 and earlier every initializer had to be listed so; from IR version 4 on,
+    such an input is an input with a default value that a caller may override.
+    """
+    listed = {vi.name for vi in proto.graph.input}
+    return [t.name for t in proto.graph.initializer if t.name in listed]
+
+
+def from_onnx(proto: onnx.ModelProto, *, fold_initializer_inputs: bool = False) -> Model:
     """Convert a ``ModelProto`` into an IR :class:`Model`.
+
+    Args:
+        fold_initializer_inputs: initializers of the main graph that are also graph inputs
+            become constants (plain initializers), no longer inputs, so rules can fold them;
+            what onnxsim and onnxruntime offer for models of IR version < 4, where every
+            initializer is listed as an input. The model's ``ir_version`` is raised to 4 when
+            lower (IR 4 is the first that allows an initializer which is not an input), and
+            ``model.meta[FOLDED_INITIALIZER_INPUTS]`` lists the names taken out of the inputs.
+            False (the default) keeps them inputs with default values: a lossless import.
 
     Raises:
         ModelLoadError: a node reads a value that is not defined before it.
     """
     with gc_paused():  # bulk allocation: see ir/_gc.py
-        return _from_onnx(proto)
+        return _from_onnx(proto, fold_initializer_inputs)
 
 
-def _from_onnx(proto: onnx.ModelProto) -> Model:
+def _from_onnx(proto: onnx.ModelProto, fold_initializer_inputs: bool = False) -> Model:
     m = Model(opset_imports={o.domain: o.version for o in proto.opset_import}, ir_version=proto.ir_version)
-    m.graph = _read_graph(proto.graph, _Scope(), model=m)
+    folded = initializer_inputs(proto) if fold_initializer_inputs else []
+    m.graph = _read_graph(proto.graph, _Scope(), model=m, constant_inits=frozenset(folded))
+    if folded:
+        m.ir_version = max(m.ir_version, IR_VERSION_INITIALIZERS_NOT_INPUTS)
+        m.meta[FOLDED_INITIALIZER_INPUTS] = folded
     m.producer_name = proto.producer_name
     m.producer_version = proto.producer_version
     m.domain = proto.domain
@@ -333,7 +381,7 @@ def _write_attr(name: str, value, atype: int | None):
     A = onnx.AttributeProto
     if isinstance(value, Tensor):
         a = A(name=name, type=A.TENSOR)
-        a.t.CopyFrom(_tensor_to_proto(value, value.proto.name if value.proto is not None else ""))
+        a.t.CopyFrom(value.to_proto(value.proto.name if value.proto is not None else ""))
         return a
     if isinstance(value, Graph):
         a = A(name=name, type=A.GRAPH)
@@ -345,7 +393,7 @@ def _write_attr(name: str, value, atype: int | None):
         return a
     if isinstance(value, list) and value and isinstance(value[0], Tensor):
         a = A(name=name, type=A.TENSORS)
-        a.tensors.extend(_tensor_to_proto(t, "") for t in value)
+        a.tensors.extend(t.to_proto("") for t in value)
         return a
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -465,20 +513,35 @@ def _write_graph(g: Graph, gp: onnx.GraphProto | None = None, stub_over: int | N
     return gp
 
 
-def to_onnx(model: Model, *, stub_initializers_over: int | None = None) -> onnx.ModelProto:
+def to_onnx(model: Model, *, stub_initializers_over: int | None = None,
+            keep_external: bool = False) -> onnx.ModelProto:
     """Convert an IR :class:`Model` back to a ``ModelProto`` (no checking).
 
     ``stub_initializers_over``: main-graph initializers larger than this many bytes are
     written as typed graph inputs without their data (a model for shape inference, which
     needs only their types: the bytes are never copied).
+
+    ``keep_external``: initializers still in their input's external data file
+    (:func:`load` with ``lazy=True``) stay references to it, marked with
+    :data:`graft.ir.extdata.BASE_KEY`: no bytes are read, and :func:`from_onnx` of the
+    result reads them lazily again, but the proto is not valid ONNX until :func:`save_proto`
+    writes it. False (the default): their bytes are read in, a self-contained proto.
     """
-    with gc_paused():  # bulk allocation: see ir/_gc.py
-        return _to_onnx(model, stub_initializers_over)
+    token = _EXPORT.set("keep" if keep_external else None)
+    try:
+        with gc_paused():  # bulk allocation: see ir/_gc.py
+            return _to_onnx(model, stub_initializers_over)
+    finally:
+        _EXPORT.reset(token)
 
 
 def _to_onnx(model: Model, stub_over: int | None = None) -> onnx.ModelProto:
     mp = onnx.ModelProto()
     mp.ir_version = model.ir_version
+    if model.ir_version < IR_VERSION_INITIALIZERS_NOT_INPUTS and _has_initializer_not_input(model):
+        # a rule made a new constant (constant_to_initializer, a fold): IR 3 would need it listed
+        # as an input, which would make it overridable; IR 4 holds it as it is
+        mp.ir_version = IR_VERSION_INITIALIZERS_NOT_INPUTS
     order = model.meta.get("_opset_order", [])
     domains = [d for d in order if d in model.opset_imports] + \
         [d for d in model.opset_imports if d not in order]
@@ -511,13 +574,28 @@ def _to_onnx(model: Model, stub_over: int | None = None) -> onnx.ModelProto:
     return mp
 
 
+def _has_initializer_not_input(model: Model) -> bool:
+    for g in model.all_graphs():
+        inputs = g._input_set
+        if any(v not in inputs for v in g.initializers.values()):
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- files
-def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+def load_proto(path: str | os.PathLike, *, check: bool = True, lazy: bool = False) -> onnx.ModelProto:
     """Read an ONNX file (with its external data) and optionally run ``onnx.checker``.
 
+    ``lazy``: initializers kept in external data files stay there: each is checked (its file is
+    a regular file inside the model's folder and holds the bytes its dims need) and marked with
+    :data:`graft.ir.extdata.BASE_KEY`; its bytes are memory-mapped when first read
+    (:func:`from_onnx` → ``Tensor.array``). The proto is then for graft (``from_onnx``,
+    ``save_proto``), not valid ONNX for other tools. Tensor attributes are always read in.
+
     Raises:
-        ModelLoadError: missing file, not a protobuf ModelProto, truncated, or
-            rejected by ``onnx.checker`` (the message names the file and the reason).
+        ModelLoadError: missing file, not a protobuf ModelProto, truncated, external data
+            missing or short (naming the tensor and its file), or rejected by ``onnx.checker``
+            (the message names the file and the reason).
     """
     path = Path(path)
     if not path.exists():
@@ -535,17 +613,143 @@ def load_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     # (~30 ms at 10k nodes) is skipped
     if b"location" in data:
         del data
+        # (tensor, its external_data entries): loading clears the entries, the message needs them
+        external = [(t, {e.key: e.value for e in t.external_data}) for t in model_tensors(proto)
+                    if t.data_location == onnx.TensorProto.EXTERNAL]
+        if lazy:
+            _attach_lazy(path, proto, external)
+            external = []
         try:
-            onnx.load_external_data_for_model(proto, str(path.parent))
+            if external:
+                onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as e:  # ValidationError, OSError, ... by onnx version
             why = " ".join(str(e).split())[:400] or type(e).__name__
-            raise ModelLoadError(f"{path}: cannot read its external data ({why}); the data files must "
-                                 f"stay where the model's tensors say, relative to the model's folder") from None
+            raise ModelLoadError(f"{path}: cannot read its external data from {_data_files(path, external, why)} "
+                                 f"({why}); the data files must stay where the model's tensors say, relative to "
+                                 f"the model's folder, and whole") from None
+        _check_external_sizes(path, external)
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise ModelLoadError(f"{path}: parsed, but holds no ONNX graph (is it an ONNX model file?)")
     if check:
         check_proto(proto, where=str(path), path=path)
     return proto
+
+
+def _initializer_ids(proto: onnx.ModelProto) -> set[int]:
+    """``id`` of every initializer message of the main graph and its subgraphs (valid while ``proto`` lives)."""
+    from graft.ir.tensor_proto import initializer_tensors
+
+    return {id(t) for t in initializer_tensors(proto)}
+
+
+def _attach_lazy(path: Path, proto: onnx.ModelProto, external) -> None:
+    """:func:`load_proto` ``lazy=True``: check each external tensor's file and size, mark initializers
+    lazy (:func:`graft.ir.extdata.attach`), read the rest (tensor attributes) in.
+
+    Raises:
+        ModelLoadError: the messages of the eager path (the data file at fault, the tensor, the sizes).
+    """
+    inits = _initializer_ids(proto)
+    base = path.parent
+    for t, info in external:
+        loc = info.get("location", "")
+        where = base / loc if loc else base
+        try:
+            f = extdata.resolve(base, loc, t.name)
+            size = f.stat().st_size
+            offset = int(info.get("offset", 0) or 0)
+            length = info.get("length")
+            if offset > size:
+                raise extdata.ExternalDataError(
+                    f"External data offset ({offset}) exceeds file size ({size}) for tensor {t.name!r}")
+            got = size - offset
+            if length not in (None, ""):
+                if int(length) > got:
+                    raise extdata.ExternalDataError(
+                        f"External data length ({length}) exceeds available data ({got} bytes from offset "
+                        f"{offset}) for tensor {t.name!r}")
+                got = int(length)
+        except (OSError, ValueError) as e:
+            why = " ".join(str(e).split())[:400] or type(e).__name__
+            raise ModelLoadError(f"{path}: cannot read its external data from {where} ({why}); the data files "
+                                 f"must stay where the model's tensors say, relative to the model's folder, and "
+                                 f"whole") from None
+        _check_size(path, t, info, got)
+        if id(t) in inits:
+            extdata.attach(t, base)
+        else:
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
+
+
+def _data_files(path: Path, tensors, why: str) -> str:
+    """The external data file at fault: the one of the tensor ``why`` (onnx's message) names,
+    else the model's data file(s)."""
+    import re
+
+    by_name = {t.name: info.get("location", "?") for t, info in tensors}
+    named = re.search(r"tensor '([^']*)'", why)
+    if named and named.group(1) in by_name:
+        return str(path.parent / by_name[named.group(1)])
+    files = sorted(set(by_name.values()))
+    return ", ".join(str(path.parent / f) for f in files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3
+                                                                 else "")
+
+
+def _check_external_sizes(path: Path, tensors) -> None:
+    """``tensors``: (TensorProto, its external_data entries as a dict) after loading.
+
+    Raise ModelLoadError naming the tensor and its data file when a tensor read from external
+    data holds fewer or more bytes than its dims and element type need (a data file cut short
+    and a tensor without a ``length`` key read to the end of the file)."""
+    for t, info in tensors:
+        _check_size(path, t, info, len(t.raw_data))
+
+
+def _check_size(path: Path, t: onnx.TensorProto, info: dict, got: int) -> None:
+    """Raise ModelLoadError when ``got`` bytes of external data are not what ``t``'s dims and type need."""
+    try:
+        bits = DataType(t.data_type).bitwidth
+    except (TypeError, ValueError, KeyError):
+        return
+    if not bits or t.data_type == onnx.TensorProto.STRING:
+        return
+    want = (math.prod(t.dims) * bits + 7) // 8
+    if got != want:
+        where = path.parent / info.get("location", "?")
+        offset = info.get("offset", "0")
+        raise ModelLoadError(
+            f"{path}: tensor {t.name!r} ({DataType(t.data_type).name.lower()} {list(t.dims)}) needs {want} bytes "
+            f"of external data, but {got} were read from {where} at offset {offset} (the data file is "
+            f"truncated or belongs to another model; copy it again with the model)")
+
+
+def untyped_values(proto: onnx.ModelProto) -> list[str]:
+    """``graph input 'x'`` / ``graph output 'y'`` for each main-graph input or output without a
+    type, or a tensor type without an element type (ONNX requires both; onnx.checker's own
+    message names none of them)."""
+    def untyped(vi) -> bool:
+        kind = vi.type.WhichOneof("value") if vi.HasField("type") else None
+        return kind is None or (kind == "tensor_type" and not vi.type.tensor_type.elem_type)
+
+    g = proto.graph
+    return [f"graph {kind} {vi.name!r}" for kind, vis in (("input", g.input), ("output", g.output))
+            for vi in vis if untyped(vi)]
+
+
+def check_typed(proto: onnx.ModelProto, where: str) -> None:
+    """Raise ModelLoadError naming the first main-graph input or output without a type (see
+    :func:`untyped_values`), before onnx.checker reports it without a name."""
+    untyped = untyped_values(proto)
+    if untyped:
+        raise ModelLoadError(f"{where}: {untyped[0]} has no type (ONNX requires an element type on every graph "
+                             f"input and output; set it, e.g. with onnx.helper.make_tensor_value_info, or "
+                             f"re-export the model)")
+
+
+def has_lazy_tensors(proto: onnx.ModelProto) -> bool:
+    """True when a tensor of ``proto`` is still in an external file (:func:`load_proto` ``lazy=True``)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL and extdata.is_lazy(t)
+               for t in model_tensors(proto))
 
 
 def exceeds_protobuf_limit(proto: onnx.ModelProto) -> bool:
@@ -555,7 +759,7 @@ def exceeds_protobuf_limit(proto: onnx.ModelProto) -> bool:
     because upb's ``ByteSize`` serializes the whole message and raises past the limit.
     """
     est = 0
-    for t in _all_tensors(proto):
+    for t in model_tensors(proto):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         est += _tensor_nbytes(t)
@@ -578,9 +782,14 @@ def check_proto(proto: onnx.ModelProto, *, where: str = "model", full: bool = Fa
             ``proto`` itself is never modified.
 
     Raises:
-        ModelLoadError: naming ``where`` and the checker's first line.
+        ModelLoadError: naming ``where`` and the checker's first line (a graph input or output
+            without a type: naming it).
     """
+    check_typed(proto, where)
     try:
+        if path is not None and has_lazy_tensors(proto):  # the data is only in the files: check those
+            onnx.checker.check_model(str(path), full_check=full)
+            return
         if exceeds_protobuf_limit(proto):
             if path is not None:
                 onnx.checker.check_model(str(path), full_check=full)
@@ -602,11 +811,16 @@ def check_proto(proto: onnx.ModelProto, *, where: str = "model", full: bool = Fa
         raise ModelLoadError(f"{where}: fails onnx shape inference: {first}") from None
 
 
-def load(path: str | os.PathLike, *, check: bool = True) -> Model:
-    """Load an ONNX file into the IR. See :func:`load_proto` for errors."""
-    proto = load_proto(path, check=check)
+def load(path: str | os.PathLike, *, check: bool = True, fold_initializer_inputs: bool | None = False,
+         lazy: bool = True) -> Model:
+    """Load an ONNX file into the IR. See :func:`load_proto` for errors and ``lazy`` (default here:
+    weights in external data files are memory-mapped when first read, never copied in), and
+    :func:`from_onnx` for ``fold_initializer_inputs`` (None: when the file's IR version is < 4)."""
+    proto = load_proto(path, check=check, lazy=lazy)
+    if fold_initializer_inputs is None:
+        fold_initializer_inputs = proto.ir_version < IR_VERSION_INITIALIZERS_NOT_INPUTS
     try:
-        return from_onnx(proto)
+        return from_onnx(proto, fold_initializer_inputs=fold_initializer_inputs)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
 
@@ -629,48 +843,120 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
                data: bytes | None = None) -> None:
     """Write ``proto`` to ``path`` atomically: to a temporary file, then rename.
 
-    Models over 2 GiB (or with ``external_data=True``) go out with their tensors
-    in ``<name>.data`` beside the file (tensors under 1 KiB stay inline; no data
-    file when none is larger). Nothing is left at ``path`` if writing fails.
-    With external data, ``proto`` itself is changed: the moved tensors point at
-    the data file and hold no bytes (as with ``onnx.save_model``); :func:`save`
+    Models over 2 GiB, models holding tensors still in another model's external data file
+    (:func:`load_proto` ``lazy=True``), and ``external_data=True`` go out with their tensors in
+    ``<name>.data`` beside the file (tensors under 1 KiB stay inline; no data file when none is
+    larger); tensors still in an input's data file are copied file to file, never through memory.
+    Nothing is left at ``path`` if writing fails, nor any temporary file; SIGTERM or SIGHUP during
+    the write, where the process has no handler of its own for them, also remove the temporary
+    files, then end it (:func:`exit_on_signals`). With external data, ``proto`` itself is changed:
+    the moved tensors point at the new data file and hold no bytes (as with ``onnx.save_model``),
+    and stay readable through graft (they are lazy tensors of the written file); :func:`save`
     passes a fresh proto, so IR models are unaffected.
 
     ``data``: ``proto.SerializeToString()`` when the caller already has it (a model under
-    2 GiB written as one file); written as is.
+    2 GiB written as one file); written as is. Ignored for a proto with lazy tensors.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lazy = has_lazy_tensors(proto)
+    if lazy:
+        data = None
+        if external_data is False:
+            inline_lazy_tensors(proto)
+            lazy = False
     if data is not None:
         external_data = False
     elif external_data is None:
-        external_data = exceeds_protobuf_limit(proto)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file 0600; the model gets the permissions a plain open() would give it
-    os.chmod(tmp, 0o666 & ~_umask())
+        external_data = lazy or exceeds_protobuf_limit(proto)
     data_name = path.name + ".data"
-    tmp_data = None
-    try:
-        if external_data:
-            tmp_data = Path(tmp + ".data")
-            moved = _move_tensors_out(proto, tmp_data, data_name)
-            with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString())
-            if moved:
-                os.replace(tmp_data, path.parent / data_name)
-            else:  # every tensor is under the threshold: one self-contained file
-                os.unlink(tmp_data)
-            tmp_data = None
-        else:
+
+    def write(tmp: str, tmp_data: Path) -> bool:
+        if not external_data:
             with open(tmp, "wb") as f:
                 f.write(proto.SerializeToString() if data is None else data)
-        os.replace(tmp, path)
-    except BaseException:
-        for p in (tmp, tmp_data):
-            if p is not None and os.path.exists(p):
-                os.unlink(p)
-        raise
+            return False
+        with open(tmp_data, "wb") as f:
+            moved = _move_tensors_out(proto, f, data_name)
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+        for t in moved:  # readable through graft again, from the file just written
+            extdata.attach(t, path.parent)
+        return bool(moved)
+
+    _atomic_write(path, write)
+
+
+def inline_lazy_tensors(proto: onnx.ModelProto) -> None:
+    """Read every lazy tensor of ``proto`` in, in place: a self-contained proto (what :func:`load_proto`
+    without ``lazy`` gives)."""
+    for t in model_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL and extdata.is_lazy(t):
+            raw = extdata.read_bytes(t, _tensor_nbytes(t) if t.data_type != onnx.TensorProto.STRING else None)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run ``write(tmp, tmp_data)`` (True: it wrote the data file too), then rename the temporary
+    files onto ``path`` and ``<path>.data``: the data file first, so no model ever points at
+    missing data. On any failure (SIGTERM/SIGHUP included, :func:`exit_on_signals`) both
+    temporary files are removed and ``path`` is untouched."""
+    tmp = tmp_data = None
+    with exit_on_signals():  # SIGTERM/SIGHUP mid-write: the temporary files go too
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            # mkstemp makes the file 0600; the model gets the permissions a plain open() would give it
+            os.chmod(tmp, 0o666 & ~_umask())
+            tmp_data = Path(tmp + ".data")
+            if write(tmp, tmp_data):
+                os.chmod(tmp_data, 0o666 & ~_umask())
+                os.replace(tmp_data, path.parent / (path.name + ".data"))
+            elif tmp_data.exists():  # every tensor is under the threshold: one self-contained file
+                os.unlink(tmp_data)
+            tmp_data = None
+            os.replace(tmp, path)
+        except BaseException:
+            for p in (tmp, tmp_data):
+                if p is not None and os.path.exists(p):
+                    os.unlink(p)
+            raise
+
+
+# Signals whose default action ends the process without running Python cleanup code (SIGINT
+# already raises KeyboardInterrupt). SIGHUP does not exist on Windows.
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _exit_for_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # the shell's exit status for a process ended by signal `signum`
+
+
+@contextlib.contextmanager
+def exit_on_signals():
+    """While the block runs, SIGTERM and SIGHUP raise ``SystemExit(128 + signum)`` instead of
+    ending the process at once, so ``except``/``finally`` clauses (removing a half-written
+    temporary file) run before it exits with the status a shell reports for that signal.
+
+    Only signals left at their default action are taken over, and only in the main thread
+    (the only one Python delivers signals to); the previous handlers come back on exit.
+    A program with its own SIGTERM handler keeps it. Nests: an inner block changes nothing.
+    """
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _TERMINATING:
+            try:
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    saved[sig] = signal.signal(sig, _exit_for_signal)
+            except (ValueError, OSError):  # not settable here (an embedded interpreter)
+                pass
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 # Tensors smaller than this stay inside the .onnx file (onnx.save_model's default threshold).
@@ -688,40 +974,112 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
     return (math.prod(t.dims) * bits) // 8  # exact ints; np.prod costs microseconds per tensor
 
 
-def _move_tensors_out(proto: onnx.ModelProto, data_file: Path, location: str) -> int:
-    """Write each raw tensor of ``EXTERNAL_DATA_THRESHOLD`` bytes or more to ``data_file`` and point
-    ``proto`` at it under ``location`` (ONNX external data: location/offset/length). Returns the count.
+def _move_tensors_out(proto: onnx.ModelProto, f, location: str) -> list[onnx.TensorProto]:
+    """Write each raw tensor of ``EXTERNAL_DATA_THRESHOLD`` bytes or more, and each tensor still in
+    another file (lazy), to open file ``f`` and point ``proto`` at it under ``location`` (ONNX
+    external data: location/offset/length). Returns the tensors moved.
 
     Each tensor's bytes are read once: upb copies ``raw_data`` on every access, which for a
-    multi-GB tensor costs seconds (onnx.save_model reads it several times).
+    multi-GB tensor costs seconds (onnx.save_model reads it several times). Lazy tensors are
+    copied file to file (:func:`graft.ir.extdata.copy_range`).
     """
-    from onnx.external_data_helper import set_external_data
-
-    moved = 0
-    with open(data_file, "wb") as f:
-        for t in _all_tensors(proto):
-            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
-                    or _tensor_nbytes(t) < EXTERNAL_DATA_THRESHOLD:
-                continue
+    moved = []
+    for t in model_tensors(proto):
+        lazy = t.data_location == onnx.TensorProto.EXTERNAL and extdata.is_lazy(t)
+        if not lazy and (t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data")
+                         or _tensor_nbytes(t) < EXTERNAL_DATA_THRESHOLD):
+            continue
+        offset = f.tell()
+        if offset % _EXTERNAL_ALIGN:
+            f.write(b"\0" * (_EXTERNAL_ALIGN - offset % _EXTERNAL_ALIGN))
             offset = f.tell()
-            if offset % _EXTERNAL_ALIGN:
-                f.write(b"\0" * (_EXTERNAL_ALIGN - offset % _EXTERNAL_ALIGN))
-                offset = f.tell()
+        if lazy:
+            n = extdata.byte_range(t)[2]
+            n = _tensor_nbytes_exact(t) if n is None else n
+            extdata.copy_range(t, f, n)
+        else:
             data = t.raw_data
             f.write(data)
-            set_external_data(t, location, offset=offset, length=len(data))
+            n = len(data)
             del data
-            t.ClearField("raw_data")
-            moved += 1
+        extdata.point_at(t, location, offset, n)
+        moved.append(t)
     return moved
 
 
-def _all_tensors(m: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors
+def _tensor_nbytes_exact(t: onnx.TensorProto) -> int:
+    """Bytes of ``t``'s data rounded up to whole bytes (4-bit types: two elements per byte)."""
+    return (math.prod(t.dims) * DataType(t.data_type).bitwidth + 7) // 8
 
-    return _get_all_tensors(m)
+
+LARGE_MODEL_BYTES = 100 * 2**20
+"""Models whose initializers hold more bytes than this are saved with external data (about 100 MiB:
+the size past which a single protobuf is slow to parse and cannot be memory-mapped by runtimes)."""
 
 
-def save(model: Model, path: str | os.PathLike, **kw) -> None:
-    """Export ``model`` and write it atomically (see :func:`save_proto`)."""
-    save_proto(to_onnx(model), path, **kw)
+def model_bytes(model: Model) -> tuple[int, int]:
+    """(bytes of all initializers, bytes of the largest one), subgraphs included."""
+    total = largest = 0
+    for g in model.all_graphs():
+        for v in g.initializers.values():
+            n = v.const.nbytes
+            total += n
+            largest = max(largest, n)
+    return total, largest
+
+
+def has_lazy_initializers(model: Model) -> bool:
+    """True when an initializer of ``model`` is still in an external data file (memory-mapped on use)."""
+    for g in model.all_graphs():
+        for v in g.initializers.values():
+            p = v.const.proto
+            if p is not None and p.data_location == onnx.TensorProto.EXTERNAL and extdata.is_lazy(p):
+                return True
+    return False
+
+
+def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Export ``model`` and write it atomically (see :func:`save_proto`).
+
+    ``external_data``: None (default) writes the initializers of 1 KiB or more to ``<name>.data``
+    beside the file when the model was loaded with external data (some tensor still lives in an
+    input's data file), or its initializers hold more than :data:`LARGE_MODEL_BYTES`, or it would
+    not fit in one protobuf (2 GiB); True always, False never (a model over 2 GiB still goes out
+    with external data). Initializers are streamed to the data file one at a time, file to file
+    for those still in an input's data file: no second copy of the weights is made.
+    """
+    if external_data is None:
+        total, _ = model_bytes(model)
+        external_data = total > LARGE_MODEL_BYTES or has_lazy_initializers(model)
+    if not external_data:
+        save_proto(to_onnx(model), path)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+
+    sinks = []
+
+    def write(tmp: str, tmp_data: Path) -> bool:
+        with open(tmp_data, "wb") as f:
+            sink = _DataSink(f, data_name, EXTERNAL_DATA_THRESHOLD)
+            sinks.append(sink)
+            token = _EXPORT.set(sink)
+            try:
+                with gc_paused():
+                    proto = _to_onnx(model)
+            finally:
+                _EXPORT.reset(token)
+            moved = _move_tensors_out(proto, f, data_name)  # large tensor attributes (Constant values)
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+        return bool(sink.count or moved)
+
+    _atomic_write(path, write)
+    # saved over the data file some of the model's own weights are read from (ir.save(ir.load(p), p)):
+    # point them at where they are in the new file, so reads after this see the same bytes
+    data_file = (path.parent / data_name).resolve()
+    for p, offset, n in sinks[-1].copied if sinks else ():
+        if extdata.byte_range(p)[0].resolve() == data_file:
+            extdata.point_at(p, data_name, offset, n)
+            extdata.attach(p, path.parent)

@@ -1,8 +1,16 @@
 """The torch backend: ``ir.to_torch(model)`` → a trainable ``torch.fx.GraphModule``.
 
-- ONNX-domain nodes call the functions of :mod:`graft.ir.torch_ops` (ONNX semantics
-  per opset, built from differentiable torch ops); ``aten`` nodes call their
-  ATen overload with the arguments rebuilt from the schema (:mod:`graft.ir.torch_aten`).
+- ONNX-domain nodes call the functions of :mod:`graft.ir.torch_ops` and the ``torch_ops_*``
+  modules (``OP_MODULES``; ONNX semantics per opset, built from differentiable torch ops);
+  ``aten`` nodes call their ATen overload with the arguments rebuilt from the schema
+  (:mod:`graft.ir.torch_aten`).
+- Control flow: an If whose condition can be computed at conversion (constants, ``Shape`` of
+  statically shaped values, and ops on those: :func:`fold_constant`) is replaced by the branch it
+  selects; otherwise If, Loop and Scan bodies become sub-GraphModules that ``torch_ops.If`` /
+  ``Loop`` / ``Scan`` run with Python control flow.
+- Everything torch cannot express is refused before anything runs (:func:`unsupported_ops`):
+  ops without an implementation, attribute values (``torch_ops.refusal``; an attribute the op
+  function does not take), sequence/optional values and element types without a torch dtype.
 - A QuantizeLinear whose output only feeds DequantizeLinear nodes with the same
   scale, zero point and axis becomes one ``fake_quantize`` call per
   DequantizeLinear (``torch.fake_quantize_per_tensor_affine`` /
@@ -20,6 +28,8 @@ one tensor for a one-output graph, else a tuple in graph-output order.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import keyword
 import math
 import re
@@ -28,11 +38,16 @@ import numpy as np
 import torch
 import torch.fx
 
-from graft.ir import torch_ops, torch_ops_nn
-from graft.ir._core import Model, Node, Tensor, Value
+from graft.ir import (torch_ops, torch_ops_attn, torch_ops_nn, torch_ops_rnn, torch_ops_signal, torch_ops_tensor,
+                      torch_ops_vision)
+from graft.ir._core import Graph, Model, Node, Tensor, Value, outer_scope_values
 from graft.ir.dtypes import DataType
 from graft.ir.torch_aten import (ATEN_DOMAIN, DYNAMIC_ATTR, ONNX_TO_TORCH_DTYPE, PERMUTED_FROM, TENSOR, TENSOR_LIST,
                            arg_layout, kwarg_only, overload, returns_list)
+
+# The modules whose functions the emitted code calls (importing them registers their ops).
+OP_MODULES = (torch_ops, torch_ops_nn, torch_ops_rnn, torch_ops_vision, torch_ops_attn, torch_ops_signal,
+              torch_ops_tensor)
 
 # (op_type, input index) slots that hold statistics or quantization parameters: never trainable.
 _FROZEN_SLOTS = {("BatchNormalization", 3), ("BatchNormalization", 4), ("QuantizeLinear", 1),
@@ -60,12 +75,15 @@ def _segment(name: str) -> str:
 
 def _to_torch_tensor(t: Tensor):
     arr = t.array
-    if t.dtype == DataType.BFLOAT16:
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16).copy()).view(torch.bfloat16)
-    if t.dtype in (DataType.FLOAT8E4M3FN, DataType.FLOAT8E5M2):
-        raw = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).copy())
-        return raw.view(torch.float8_e4m3fn if t.dtype == DataType.FLOAT8E4M3FN else torch.float8_e5m2)
+    if t.dtype == DataType.BFLOAT16 or t.dtype in _FLOAT8_IR:
+        # ml_dtypes arrays: copy the bits (np.ascontiguousarray would make a 0-d array 1-d)
+        bits = np.array(arr, copy=True, order="C").view(np.int16 if t.dtype == DataType.BFLOAT16 else np.uint8)
+        return torch.from_numpy(bits).view(torch_ops.ONNX_DTYPES[int(t.dtype)])
     return torch.from_numpy(np.array(arr, copy=True))
+
+
+_FLOAT8_IR = frozenset({DataType.FLOAT8E4M3FN, DataType.FLOAT8E4M3FNUZ, DataType.FLOAT8E5M2, DataType.FLOAT8E5M2FNUZ,
+                        DataType.FLOAT8E8M0})
 
 
 def is_trainable(v: Value, tensor: Tensor | None = None) -> bool:
@@ -171,6 +189,24 @@ class _Builder:
         raise TorchBackendError(f"value {v.name!r} is read before it is defined (graph not in topological order)")
 
     # -- nodes ----------------------------------------------------------------------
+    def emit(self, nodes, pairs: dict[Node, Node] | None = None, absorbed: frozenset | set = frozenset()) -> None:
+        """Emit fx nodes for ``nodes`` (one graph's, in order)."""
+        from graft.ir.torch_ops import lookup
+
+        for n in nodes:
+            if n in absorbed:
+                continue
+            if pairs and n in pairs:
+                self.fake_quant(pairs[n], n)
+            elif n.domain == ATEN_DOMAIN:
+                self.aten_node(n)
+            elif n.op_type == "If":
+                self.if_node(n)
+            elif n.op_type in ("Loop", "Scan"):
+                self.loop_node(n)
+            else:
+                self.onnx_node(n, lookup(n.op_type, self.opset))
+
     def onnx_node(self, n: Node, fn) -> None:
         if n.op_type == "Constant":
             t = n.attrs.get("value")
@@ -178,11 +214,76 @@ class _Builder:
                 t = Tensor(np.asarray(n.outputs[0].constant()))
             self.env[n.outputs[0]] = self._get_attr(n.outputs[0], t)
             return
-        kwargs = {k: _attr_arg(v, n) for k, v in n.attrs.items()}
+        kwargs = {k: _attr_arg(v, n) for k, v in n.attrs.items() if k not in _IGNORED_ATTRS}
         if len(n.outputs) > 1 or n.op_type == "Split":
             kwargs["_outputs"] = len(n.outputs)
         out = self.fx.call_function(fn, tuple(self.value(v) for v in n.inputs), kwargs)
         self._bind_outputs(n, out)
+
+    def if_node(self, n: Node) -> None:
+        """ONNX If: a condition known at conversion time inlines the branch it selects; otherwise both
+        branches become sub-GraphModules and :func:`torch_ops.If` runs one of them (a Python ``if``)."""
+        then_g, else_g = n.attrs["then_branch"], n.attrs["else_branch"]
+        cond = fold_constant(n.inputs[0], self.opset)
+        if cond is not None:
+            branch = then_g if bool(np.asarray(cond).reshape(-1)[0]) else else_g
+            self.emit(branch)
+            for o, v in zip(n.outputs, branch.outputs):
+                self.env[o] = self.value(v)
+            return
+        captured: dict[Value, None] = dict.fromkeys(outer_scope_values(then_g))
+        captured.update(dict.fromkeys(outer_scope_values(else_g)))
+        args = [self.value(n.inputs[0])] + [self.value(v) for v in captured]
+        base = _ident(n.name or (n.outputs[0].name if n.outputs else "if"))
+        mods = []
+        for tag, g in (("then", then_g), ("else", else_g)):
+            gm = self.submodule(g, list(captured))
+            path = _ident(f"{base}_{tag}_branch")
+            while hasattr(self.root, path):
+                path += "_"
+            self.root.add_module(path, gm)
+            mods.append(self.fx.get_attr(path))
+        out = self.fx.call_function(torch_ops.If, (args[0], mods[0], mods[1], *args[1:]))
+        self._bind_outputs(n, out, force_tuple=len(n.outputs) > 1)
+
+    def loop_node(self, n: Node) -> None:
+        """ONNX Loop / Scan: the body becomes a sub-GraphModule run by :func:`torch_ops.Loop` / ``Scan``."""
+        body = n.attrs["body"]
+        captured = outer_scope_values(body)
+        gm = self.submodule(body, captured)
+        path = _ident(f"{n.name or n.outputs[0].name}_body")
+        while hasattr(self.root, path):
+            path += "_"
+        self.root.add_module(path, gm)
+        mod = self.fx.get_attr(path)
+        ins = [self.value(v) for v in n.inputs]
+        if n.op_type == "Loop":
+            ins += [None] * (2 - len(ins))
+            out = self.fx.call_function(torch_ops.Loop, (mod, *ins, *(self.value(v) for v in captured)),
+                                        {"n_carried": len(n.inputs) - 2})
+        else:
+            k = n.attrs["num_scan_inputs"]
+            n_state = len(n.inputs) - k
+            n_out = len(n.outputs) - n_state
+            out = self.fx.call_function(torch_ops.Scan, (mod, *ins, *(self.value(v) for v in captured)), {
+                "n_state": n_state, "n_scan_inputs": k,
+                "input_axes": list(n.attrs.get("scan_input_axes", [0] * k)),
+                "input_directions": list(n.attrs.get("scan_input_directions", [0] * k)),
+                "output_axes": list(n.attrs.get("scan_output_axes", [0] * n_out)),
+                "output_directions": list(n.attrs.get("scan_output_directions", [0] * n_out))})
+        self._bind_outputs(n, out, force_tuple=True)
+
+    def submodule(self, g: Graph, captured: list[Value]):
+        """A GraphModule computing subgraph ``g`` from its inputs, then the outer values it reads
+        (``captured``, in order)."""
+        sub = _Builder(self.model)
+        for v in list(g.inputs) + captured:
+            sub.env[v] = sub.fx.placeholder(_ident(v.name))
+        sub.emit(g)
+        outs = [sub.value(v) for v in g.outputs]
+        sub.fx.output(outs[0] if len(outs) == 1 else tuple(outs))
+        sub.fx._tracer_cls = GraftTracer
+        return torch.fx.GraphModule(sub.root, sub.fx, class_name=_ident(g.name or "Branch"))
 
     def fake_quant(self, q: Node, dq: Node) -> None:
         zp = q.inputs[2] if len(q.inputs) > 2 else None
@@ -240,6 +341,80 @@ class _Builder:
             self.env[o] = self.fx.call_function(operator.getitem, (out, i))
 
 
+# Attributes with no effect on the result: `consumed_inputs` (opset < 6) was a memory-reuse hint.
+_IGNORED_ATTRS = frozenset({"consumed_inputs"})
+
+
+def fold_constant(v: Value, opset: int, budget: int = 64):
+    """``v``'s value when it can be computed at conversion time, as a numpy array, else None.
+
+    Constants and initializers are known; ``Shape`` of a value whose declared shape is static is known;
+    any other ONNX node whose inputs are all known is evaluated with its torch implementation
+    (at most ``budget`` nodes are evaluated).
+    """
+    from graft.ir.torch_ops import lookup
+
+    memo: dict[Value, object] = {}
+    left = [budget]
+
+    def get(x: Value):
+        if x in memo:
+            return memo[x]
+        arr = x.constant()
+        out = None
+        if arr is not None:
+            out = np.asarray(arr)
+        else:
+            p = x.producer
+            if p is not None and p.domain in ("", "ai.onnx") and not any(True for _ in p.subgraphs()) \
+                    and left[0] > 0:
+                left[0] -= 1
+                out = _fold_node(p, x, get, opset, lookup)
+        memo[x] = out
+        return out
+
+    return get(v)
+
+
+def _fold_node(p: Node, x: Value, get, opset: int, lookup):
+    if p.op_type == "Shape" and p.inputs[0].shape is not None and \
+            all(isinstance(d, int) for d in p.inputs[0].shape):
+        dims = list(p.inputs[0].shape)[p.attrs.get("start", 0):p.attrs.get("end", None)]
+        return np.asarray(dims, dtype=np.int64)
+    if p.op_type == "Constant" or p.op_type in _RANDOM_OPS:
+        return None
+    fn = lookup(p.op_type, opset)
+    if fn is None:
+        return None
+    kwargs = {k: _attr_arg(v, p) for k, v in p.attrs.items() if k not in _IGNORED_ATTRS}
+    if torch_ops.refusal(p.op_type, opset, kwargs, len(p.outputs), _in_types(p)) is not None:
+        return None
+    ins = []
+    for i in p.inputs:
+        if i is None:
+            ins.append(None)
+            continue
+        a = get(i)
+        if a is None or a.dtype == object:
+            return None
+        ins.append(torch.from_numpy(np.array(a, copy=True)))
+    if len(p.outputs) > 1 or p.op_type == "Split":
+        kwargs["_outputs"] = len(p.outputs)
+    try:
+        with torch.no_grad():
+            out = fn(*ins, **kwargs)
+    except Exception:  # noqa: BLE001 - not foldable here: the op runs at run time instead
+        return None
+    out = out[p.outputs.index(x)] if isinstance(out, (tuple, list)) else out
+    return out.numpy() if isinstance(out, torch.Tensor) and out.dtype in _NUMPY_OK else None
+
+
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "Dropout"})
+_NUMPY_OK = frozenset({torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+                       torch.float16, torch.float32, torch.float64})
+
+
 def _attr_arg(v, n: Node):
     from graft.ir._core import Graph
 
@@ -279,7 +454,11 @@ def _quant_pairs(model: Model) -> tuple[dict[Node, Node], set[Node]]:
     for q in model.graph:
         if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx"):
             continue
-        if q.attrs.get("block_size", 0) or q.attrs.get("saturate", 1) == 0:
+        if q.attrs.get("block_size", 0) or q.attrs.get("saturate", 1) == 0 or q.attrs.get("precision", 0):
+            continue
+        zp = q.inputs[2] if len(q.inputs) > 2 else None
+        qtype = zp.dtype if zp is not None else q.attrs.get("output_dtype", 0) or DataType.UINT8
+        if qtype not in (DataType.UINT8, DataType.INT8):  # what torch's fake_quantize takes
             continue
         out = q.outputs[0]
         users = out.users()
@@ -310,8 +489,53 @@ def _same(a, b) -> bool:
     return True
 
 
+def _in_types(n: Node) -> list:
+    return [int(v.dtype) if v is not None and v.dtype is not None else None for v in n.inputs]
+
+
+def _in_ranks(n: Node) -> list:
+    return [len(v.shape) if v is not None and v.shape is not None else None for v in n.inputs]
+
+
+@functools.cache
+def _parameters(fn) -> tuple[frozenset, bool]:
+    """The keyword parameters of an op function, and whether it takes any keyword (``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a torch builtin registered as is: positional inputs only
+        return frozenset(), False
+    return (frozenset(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)),
+            any(p.kind == p.VAR_KEYWORD for p in params))
+
+
+def _signature_problem(fn, attrs: dict, n_outputs: int) -> str | None:
+    """An attribute the op function does not know (a newer opset's, or a misspelling), or more outputs
+    than it computes: refused here rather than failing with a TypeError when the module runs."""
+    names, any_kw = _parameters(fn)
+    if any_kw:
+        return None
+    for k, v in attrs.items():
+        if k not in names:
+            return f"attribute {k}={v!r} is not supported"
+    if n_outputs > 1 and "_outputs" not in names:
+        return f"only the first output is supported ({n_outputs} requested)"
+    return None
+
+
+def _value_problem(v: Value) -> str | None:
+    """Why a value cannot live in a torch tensor (a sequence, map or optional; a 4-bit, 2-bit or string
+    element type), or None."""
+    tp = v.type_proto
+    if tp is not None and tp.WhichOneof("value") not in (None, "tensor_type"):
+        return f"is of {tp.WhichOneof('value').removesuffix('_type')} type; the torch backend handles tensors only"
+    if v.dtype is not None and int(v.dtype) not in torch_ops.ONNX_DTYPES:
+        return f"has element type {torch_ops.type_name(int(v.dtype))}: torch has no such tensor type"
+    return None
+
+
 def unsupported_ops(model: Model) -> list[str]:
-    """One line per node the torch backend cannot run (op, node, module)."""
+    """One line per node the torch backend cannot run (op, node, module, and why: no implementation,
+    an attribute value, an element type), then one per graph input/output of a type torch cannot hold."""
     from graft.ir.torch_ops import lookup
 
     out = []
@@ -320,7 +544,8 @@ def unsupported_ops(model: Model) -> list[str]:
             mod = n.meta.get("torch.module")
             where = f" in module '{mod}'" if mod else ""
             label = n.name or (n.outputs[0].name if n.outputs else "")
-            if any(True for _ in n.subgraphs()):
+            if any(True for _ in n.subgraphs()) and not (n.domain in ("", "ai.onnx") and (
+                    n.op_type in ("If", "Loop") or n.op_type == "Scan" and model.opset >= 9)):
                 out.append(f"{n.op_type} (node {label!r}{where}): control flow subgraphs are not supported")
                 continue
             if n.domain == ATEN_DOMAIN:
@@ -331,9 +556,31 @@ def unsupported_ops(model: Model) -> list[str]:
                 continue
             if n.domain not in ("", "ai.onnx"):
                 out.append(f"{n.domain}::{n.op_type} (node {label!r}{where}): custom domain {n.domain!r}")
-            elif n.op_type != "Constant" and lookup(n.op_type, model.opset) is None:
-                out.append(f"{n.op_type} (node {label!r}{where}): no torch implementation at opset "
-                           f"{model.opset}")
+                continue
+            if n.op_type in ("Constant", "If", "Loop", "Scan"):
+                why = None
+            elif lookup(n.op_type, model.opset) is None:
+                why = f"no torch implementation at opset {model.opset}"
+            else:
+                try:
+                    attrs = {k: _attr_arg(v, n) for k, v in n.attrs.items() if k not in _IGNORED_ATTRS}
+                except TorchBackendError as e:
+                    why = str(e).partition(": ")[2]
+                else:
+                    why = _signature_problem(lookup(n.op_type, model.opset), attrs, len(n.outputs)) or \
+                        torch_ops.refusal(n.op_type, model.opset, attrs, len(n.outputs), _in_types(n), _in_ranks(n))
+            if why is None:
+                for v in list(n.inputs) + list(n.outputs):
+                    if v is not None and (p := _value_problem(v)):
+                        why = f"value {v.name!r} {p}"
+                        break
+            if why:
+                out.append(f"{n.op_type} (node {label!r}{where}): {why}")
+    g = model.graph
+    for role, values in (("input", g.inputs), ("output", g.outputs)):
+        for v in values:
+            if (p := _value_problem(v)):
+                out.append(f"graph {role} {v.name!r} {p}")
     return out
 
 
@@ -352,10 +599,9 @@ def to_torch(model: Model, *, class_name: str | None = None):
 
     Raises:
         TorchBackendError: ops without a torch implementation (custom domains, control
-            flow, ONNX ops not in :mod:`graft.ir.torch_ops`), all listed with node and module.
+            flow other than If/Loop/Scan, ONNX ops not registered in :mod:`graft.ir.torch_ops`, attribute
+            values and element types torch cannot express), all listed with node and module.
     """
-    from graft.ir.torch_ops import lookup
-
     bad = unsupported_ops(model)
     if bad:
         raise TorchBackendError(f"the torch backend cannot run {len(bad)} node(s):\n  - " + "\n  - ".join(bad))
@@ -371,15 +617,7 @@ def to_torch(model: Model, *, class_name: str | None = None):
         used.add(name)
         b.env[v] = b.fx.placeholder(name)
     pairs, absorbed = _quant_pairs(model)
-    for n in g:
-        if n in absorbed:
-            continue
-        if n in pairs:
-            b.fake_quant(pairs[n], n)
-        elif n.domain == ATEN_DOMAIN:
-            b.aten_node(n)
-        else:
-            b.onnx_node(n, lookup(n.op_type, b.opset))
+    b.emit(g, pairs, absorbed)
     outs = [b.value(v) for v in g.outputs]
     b.fx.output(outs[0] if len(outs) == 1 else tuple(outs))
     b.fx._tracer_cls = GraftTracer  # unpickling re-traces the code: keep graft's op functions opaque
@@ -392,41 +630,59 @@ def to_torch(model: Model, *, class_name: str | None = None):
 
 
 class GraftTracer(torch.fx.Tracer):
-    """The fx Tracer a saved GraphModule is re-traced with on load: it records calls to
+    """The fx Tracer an unpickled GraphModule (``copy.deepcopy``, ``pickle``, an old ``torch.save`` file
+    read with ``load_module(path, trust=True)``) is re-traced with: it records calls to
     :mod:`graft.ir.torch_ops` functions as nodes instead of tracing into them."""
 
-    def __init__(self, autowrap_modules=(math, torch_ops, torch_ops_nn), autowrap_functions=(),
+    def __init__(self, autowrap_modules=(math, *OP_MODULES), autowrap_functions=(),
                  param_shapes_constant=False):
         super().__init__(autowrap_modules, autowrap_functions, param_shapes_constant)
 
 
-def save_module(module, path) -> None:
-    """Write a GraphModule from :func:`to_torch` with ``torch.save``, atomically (temporary file, then rename).
+def save_module(module, path, example_inputs=None, *, format: str = "auto"):
+    """Write a GraphModule from :func:`to_torch` to ``path`` as data only, atomically (temporary file,
+    then rename; nothing left on failure). See :mod:`graft.ir.torch_artifact` for the two formats.
 
-    The file holds the generated code and the parameters; :func:`load_module` reads it back
-    (it needs graft importable, since the code calls :mod:`graft.ir.torch_ops`).
+    Args:
+        module: the GraphModule.
+        path: where to write (``.pt2`` by convention).
+        example_inputs: a :class:`graft.ir.torch_artifact.ExampleInputs` (symbolic dims marked; from
+            :func:`graft.ir.torch_artifact.example_inputs`) or a tuple of tensors. With them, the file
+            is a ``torch.export`` program when torch.export captures the module — it then loads
+            without graft (``torch.export.load(path).module()``); without them, or when capture
+            fails, it is graft's ``graft-fx`` format (needs graft to load).
+        format: ``"auto"``, ``"pt2"`` (fail rather than fall back) or ``"graft-fx"``.
+
+    Returns:
+        :class:`graft.ir.torch_artifact.SaveReport`: the format written, the input shapes the
+        program accepts, and why when it is not a fully dynamic ``pt2``.
+
+    Raises:
+        graft.ir.torch_artifact.ArtifactError: see :func:`graft.ir.torch_artifact.save`.
+        OSError: the file cannot be written.
     """
-    import os
-    import tempfile
-    from pathlib import Path
+    from graft.ir.torch_artifact import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(module, tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return save(module, path, example_inputs, format=format)
 
 
-def load_module(path):
-    """Read a module written by :func:`save_module` (``torch.load(..., weights_only=False)``:
-    only load files you trust, as with any pickle)."""
-    return torch.load(path, weights_only=False)
+def load_module(path, *, trust: bool = False):
+    """Read a module written by :func:`save_module`; nothing from the file is run or unpickled
+    (see :func:`graft.ir.torch_artifact.load` for the checks).
+
+    Args:
+        path: the file.
+        trust: also load ``torch.save`` pickles written by earlier graft (they can run code when
+            loaded: only for files you trust).
+
+    Returns:
+        a trainable ``torch.fx.GraphModule``.
+
+    Raises:
+        graft.ir.torch_artifact.ArtifactError: a file the checks refuse, naming the entry; a pickle
+            without ``trust=True``.
+        OSError: the file cannot be read.
+    """
+    from graft.ir.torch_artifact import load
+
+    return load(path, trust=trust)

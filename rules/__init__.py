@@ -13,6 +13,10 @@ RULE_MODULES = (
     "graft.rules.fold_batchnorm",
     "graft.rules.fuse",
     "graft.rules.fuse_bias",
+    "graft.rules.fuse_layernorm",
+    "graft.rules.fuse_gelu",
+    "graft.rules.fuse_attention",
+    "graft.rules.precision",
 )
 
 

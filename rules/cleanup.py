@@ -29,8 +29,6 @@ input or an initializer).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from graft.compiler.engine import Rule, Var, op
 from graft.ir.shapes import is_static, static_dim
 
@@ -63,16 +61,15 @@ def _dropout_check(m):
         return None
     if m.opset <= 11:
         return None
-    r = m.value(ratio)
-    if r is not None and r.constant() is not None and float(np.asarray(r.constant())) == 0.0:
+    r = m.const(ratio)
+    if r is not None and float(r) == 0.0:
         return None  # ratio 0 is the identity even in training mode
-    t = m.value(training_mode)
-    if t is None:
+    if m.value(training_mode) is None:
         return None
-    data = t.constant()
-    if data is None:
-        return m.fail(f"Dropout's training_mode {t.name!r} is not a constant", node)
-    if bool(np.asarray(data)):
+    bad = m.need_constant(training_mode, why="Dropout may run in training mode")
+    if bad is not None:
+        return bad
+    if bool(m.const(training_mode)):
         return m.fail("Dropout runs in training mode (training_mode is true)", node)
     return None
 
@@ -151,7 +148,7 @@ def _reshape_check(m):
         if tuple(data.shape) == tuple(out.shape):
             return None
         return m.fail(f"Reshape changes shape {list(data.shape)} to {list(out.shape)}", node)
-    target = m.value(shape).constant()
+    target = m.const(shape)
     if target is None:
         return m.fail("Reshape's shape input is not a constant and the shapes are not static", node)
     if reshape_is_identity(data.shape, target.tolist(), node.attrs.get("allowzero", 0)):
@@ -174,10 +171,10 @@ reshape_pair_pattern = op.Reshape(op.Reshape(x, shape1, name="inner"), shape2, n
 def _reshape_pair_check(m):
     if m.outer.attrs.get("allowzero", 0):
         return None
-    s2 = m.value(shape2).constant()
+    s2 = m.const(shape2)
     if s2 is None:
         return m.fail("outer Reshape's shape is not a constant, it may copy dims of the inner one (0)", m.outer)
-    if (np.asarray(s2) == 0).any():
+    if (s2 == 0).any():
         return m.fail(f"outer Reshape's shape {s2.tolist()} has a 0, which copies a dim of the inner "
                       f"Reshape's output", m.outer)
     return None

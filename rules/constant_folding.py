@@ -30,6 +30,8 @@ Not folded, with the reason as the refusal:
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx.defs
@@ -63,14 +65,13 @@ def _foldable(node) -> bool:
     """ai.onnx node with at least one input, each an initializer or a Constant output (or absent).
 
     Tried at every node of every pass, so it rejects in a few attribute reads, before a match
-    is built: ``Node._inputs`` is read directly (``Node.inputs`` copies it). It is looser than
-    :meth:`ir.Value.constant` (a graph input with an initializer passes), so ``_evaluate``
-    still checks each input and says which one is not constant.
+    is built. It is looser than :meth:`ir.Value.constant` (a graph input with an initializer
+    passes), so ``_evaluate`` still checks each input and says which one is not constant.
     """
     if node.domain != "":
         return False
     seen = False
-    for v in node._inputs:
+    for v in node.inputs:
         if v is None:
             continue
         if v.const is None:
@@ -118,6 +119,12 @@ def _evaluate(m):
                       f"(it may be large)", node)
     from onnx.reference import ReferenceEvaluator
 
+    # onnx.reference runs a bare NodeProto at the newest opset whatever `opsets` says; where the op
+    # changed since the model's opset (Unsqueeze-1's axes attribute, say), wrap it in a graph,
+    # for which the model's opset is honoured
+    if _changed_since(node.op_type, m.opset):
+        proto = helper.make_graph([proto], "fold", [onnx.ValueInfoProto(name=k) for k in arrays],
+                                  [onnx.ValueInfoProto(name=o) for o in proto.output])
     try:
         got = ReferenceEvaluator(proto, opsets={"": m.opset}).run(None, {k: a for k, (_, a) in arrays.items()})
     except Exception as e:  # the reference implementation lacks the op/version or rejects the inputs
@@ -140,6 +147,12 @@ def _evaluate(m):
     if refusal:
         return m.fail(refusal, node)
     return out
+
+
+@functools.cache
+def _changed_since(op_type: str, opset: int) -> bool:
+    """True when ``op_type``'s newest ai.onnx version is not the one in force at ``opset``."""
+    return onnx.defs.get_schema(op_type, opset, "").since_version != onnx.defs.get_schema(op_type, "").since_version
 
 
 def _predict(node, proto, arrays, opset):
@@ -208,20 +221,15 @@ def _over_cap(node, sizes, dtypes, in_bytes) -> str | None:
 
 
 def _fold_check(m):
-    got = _evaluate(m)
-    if isinstance(got, list):
-        m.__dict__["_folded"] = got  # the replacement reuses the result instead of evaluating twice
-        return None
-    return got
+    got = m.memo(_evaluate)  # evaluated once: the replacement reads the same result
+    return None if isinstance(got, list) else got
 
 
 def _fold_replacement(op, m):
     """Node with constant inputs -> initializers with its outputs (onnx.reference)."""
-    got = m.__dict__.get("_folded")
-    if got is None:
-        got = _evaluate(m)
-        if not isinstance(got, list):
-            return got
+    got = m.memo(_evaluate)
+    if not isinstance(got, list):
+        return got
     outs = tuple(op.const(arr, dtype=dtype, name=o.name) for (arr, dtype), o in zip(got, m.node.outputs))
     return outs if len(outs) > 1 else outs[0]
 
@@ -311,7 +319,7 @@ def _gathered(m):
 def _gather_check(m):
     if int(m.gather.attrs.get("axis", 0)) not in (0, -1):
         return m.fail("Gather on Shape's output must use axis 0", m.gather)
-    got = _gathered(m)
+    got = m.memo(_gathered)
     if got is None:
         return m.fail("the input shape is unknown or the indices are out of range", m.gather)
     if not is_static(got.ravel()):
@@ -323,7 +331,7 @@ def _gather_check(m):
 
 def _gather_replacement(op, m):
     """Gather(Shape(x), k) with static dims k -> int64 constant."""
-    return op.const(_gathered(m).astype(np.int64), name=m.gather.output.name)
+    return op.const(m.memo(_gathered).astype(np.int64), name=m.gather.output.name)
 
 
 fold_gather_of_shape = Rule("fold_gather_of_shape", op.Gather(dims, indices, name="gather"),

@@ -50,10 +50,7 @@ def fuse_check(m):
     bt = m[b]
     if bt.ndim != 2:
         return m.fail(f"MatMul {mm.name!r}'s constant B has rank {bt.ndim}; Gemm needs a 2-D B", mm)
-    try:
-        dtype = DataType.from_numpy(bt.dtype)
-    except Exception:
-        dtype = None
+    dtype = m.dtype(b)
     if dtype is None or not dtype.is_float:
         return m.fail(f"MatMul {mm.name!r} has element type {bt.dtype}; only floating-point MatMul+Add is "
                       f"fused into Gemm", mm)
@@ -61,9 +58,8 @@ def fuse_check(m):
         return m.fail(f"model opset {m.opset} < 7: Gemm broadcasts C only with broadcast=1 there", m.add)
     if dtype == DataType.BFLOAT16 and m.opset < 13:
         return m.fail(f"Gemm accepts bfloat16 only from opset 13 (model opset {m.opset})", mm)
-    c_value = m[c]
-    c_const = c_value.constant()
-    c_shape = tuple(c_const.shape) if c_const is not None else c_value.shape
+    c_value, c_const = m[c], m.const(c)
+    c_shape = c_const.shape if c_const is not None else c_value.shape
     if c_shape is None:
         return m.fail(f"shape of Add {m.add.name!r}'s input {c_value.name!r} is unknown; cannot tell whether "
                       f"it broadcasts to Gemm's (M, N) output", m.add)

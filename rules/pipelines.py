@@ -5,6 +5,10 @@
 - ``optimize``: cleanup → BatchNormalization folding → op fusion → cleanup again
   (folds and fusions leave Identity/Reshape chains and constants to tidy; its shape
   inference is skipped when the rewrites left every value typed with a static shape).
+- ``fuse_ort``: for onnxruntime: cleanup → transformer fusions into ``com.microsoft`` ops
+  (MultiHeadAttention / Attention, Gelu / FastGelu / BiasGelu / QuickGelu; decomposed layer norms
+  into LayerNormalization-17) → the ``optimize`` folds. ``optimize`` never emits ``com.microsoft``
+  ops; ``fuse_ort_skiplayernorm`` adds SkipLayerNormalization.
 
 :func:`with_user_rules` appends a user :class:`compiler.RuleSet` (e.g. from
 ``graft compile --rules my_rules.py``) to a pipeline as its own pass.
@@ -101,6 +105,58 @@ def optimize() -> Pipeline:
     ], doc="cleanup → fold BatchNormalization → fuse → cleanup")
 
 
+def forget_inferred_symbols(model) -> int:
+    """Make unknown the symbolic dims shape inference gave to values the input model left untyped
+    (``graft.compiler.compile`` calls it on every ONNX output, after all passes).
+
+    Why: ``unk__7``-style symbols written into the output's value_info tell onnxruntime two tensors
+    have the same shape, which its session optimizer needs to fuse SkipLayerNormalization — a kernel
+    that is slower than Add + LayerNormalization on a CPU at one thread (all-MiniLM-L6-v2: +9%,
+    bench/bench_fusions.py). The output then carries no more shape facts than the input did; static
+    dims and the dims of values the input annotated are kept. Returns the number of values changed.
+    """
+    changed = 0
+    for g in model.all_graphs():
+        annotated = g.value_info
+        for node in g:
+            for o in node.outputs:
+                shape = o.shape
+                if shape is None or o.name in annotated or o.is_graph_output() or \
+                        not any(isinstance(d, str) for d in shape):
+                    continue
+                o.shape = tuple(None if isinstance(d, str) else d for d in shape)
+                changed += 1
+    return changed
+
+
+def fuse_ort(*, skip_layernorm: bool = False) -> Pipeline:
+    """optimize, plus transformer fusions into onnxruntime's com.microsoft ops (attention, GELU, LayerNorm)."""
+    from graft.rules import cleanup as cleanup_rules
+    from graft.rules import fold_batchnorm, fuse, fuse_attention, fuse_bias, fuse_gelu, fuse_layernorm
+    from graft.ir.shapes import infer_shapes
+    from graft.rules.fuse_facts import import_contrib_domain
+
+    folds = RuleSet([*fuse_bias.RULES, *fold_batchnorm.RULES], name="fold_batchnorm")
+    fusions = [*fuse_layernorm.LAYERNORM_RULES, *fuse_gelu.RULES, *fuse_attention.FUSE_RULES]
+    if skip_layernorm:
+        fusions += fuse_layernorm.ORT_RULES
+    return Pipeline("fuse_ort" + ("_skiplayernorm" if skip_layernorm else ""), [
+        cleanup(),
+        # again on the folded graph: shapes computed by ops constant folding has just removed
+        # (static exports' Expand targets) become static, which the fusions' dim proofs read
+        FunctionPass(infer_shapes, "infer_shapes", analysis=True),
+        # K's transpose written through a 3-D view, then composed with its split-heads Transpose
+        RewritePass(RuleSet([*fuse_attention.NORMALIZE_RULES, *cleanup_rules.RULES], name="normalize"),
+                    "normalize_attention"),
+        RewritePass(RuleSet(fusions, name="fuse_transformer"), "fuse_transformer"),
+        RewritePass(RuleSet(fuse_attention.PACK_RULES, name="pack_attention"), "pack_attention"),
+        FunctionPass(import_contrib_domain, "import_contrib_domain"),
+        RewritePass(folds, "fold_batchnorm"),
+        RewritePass(RuleSet(fuse.RULES, name="fuse"), "fuse"),
+        cleanup(retype=True),
+    ], doc="cleanup → transformer fusions (com.microsoft) → fold BatchNormalization → fuse → cleanup")
+
+
 def with_user_rules(pipeline: str | Pipeline | None, rules: Rule | RuleSet | Iterable[Rule] | None,
                     name: str = "user_rules") -> Pipeline:
     """``pipeline`` (a name, a Pipeline, or None/"none" for nothing) followed by ``rules`` as one pass.
@@ -141,3 +197,6 @@ def lower_aten() -> Pipeline:
 register_pipeline("lower_aten", lower_aten, lower_aten.__doc__)
 register_pipeline("cleanup", cleanup, cleanup.__doc__)
 register_pipeline("optimize", optimize, optimize.__doc__)
+register_pipeline("fuse_ort", fuse_ort, fuse_ort.__doc__)
+register_pipeline("fuse_ort_skiplayernorm", lambda: fuse_ort(skip_layernorm=True),
+                  "fuse_ort plus Add + LayerNormalization -> com.microsoft SkipLayerNormalization")

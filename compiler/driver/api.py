@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 
 from graft import ir
-from graft.ir._gc import gc_paused
+from graft.ir import gc_paused
 from graft.compiler.driver.blame import Blame, rules_failing_checker, rules_in_message
 from graft.compiler.techniques.numeric import OutputAgreement
 from graft.compiler.engine.passes import PassRecord, Pipeline
@@ -127,6 +127,8 @@ class CompileResult:
     notes: list[str] = field(default_factory=list)
     prune: Any = None  # graft.compiler.techniques.pruning.PruneReport when compiled with prune=...
     quantization: Any = None  # graft.compiler.techniques.quantization.QuantizeResult when compiled with quantize=...
+    precision: Any = None  # graft.compiler.techniques.precision.PrecisionResult when compiled with precision=...
+    staged: Any = None  # graft.compiler.driver.streaming.StagedOutput: a streamed compile's output, written once
 
     @property
     def outputs(self) -> list[OutputAgreement]:
@@ -136,18 +138,31 @@ class CompileResult:
     def ok(self) -> bool:
         return self.verification.status != "failed"
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the ONNX output atomically (temporary file, then rename; nothing left on failure).
-        A ``torch`` target is written with ``torch.save`` (load it with ``graft.ir.torch_backend.load_module``).
+    def save(self, path: str | os.PathLike):
+        """Write the output atomically (temporary file, then rename; nothing left on failure).
+
+        A ``torch`` target is written as data only (:mod:`graft.ir.torch_artifact`): a ``torch.export``
+        program (``torch.export.load(path).module()``, no graft needed) when torch.export captures the
+        module on inputs shaped as verification ran (or generated), else graft's ``graft-fx`` format;
+        load either with ``graft.ir.torch_backend.load_module``. Which one, and the input shapes it
+        accepts, is added to :attr:`notes`.
+
+        Returns:
+            the :class:`graft.ir.torch_artifact.SaveReport` for a ``torch`` target, else None.
 
         Raises:
             CompileError: there is no output to save.
+            graft.ir.torch_artifact.ArtifactError: the module holds a node no artifact format can name.
         """
         if self.module is not None and self.proto is None:
-            from graft.ir.torch_backend import save_module
+            from graft.ir.torch_artifact import example_inputs, save
 
-            save_module(self.module, path)
-            return
+            example = example_inputs(self.model, getattr(self.module, "graft_input_names", None),
+                                     self.verification.inputs or None)
+            report = save(self.module, path, example)
+            if report.note() not in self.notes:
+                self.notes.append(report.note())
+            return report
         if self.proto is None:
             raise CompileError(f"{path}: this compile targeted {self.target!r}; only an ONNX result can be "
                                f"saved as .onnx (use target='onnx')")
@@ -190,9 +205,10 @@ def _torch_entry(name: str):
                            f"compile ONNX models, or install a graft with torch support") from None
 
 
-def _load(model_or_path, example_inputs, dynamic_shapes=None):
+def _load(model_or_path, example_inputs, dynamic_shapes=None, fold_initializer_inputs: bool | None = None,
+          stream: bool | None = None):
     """(source label, reference proto or None, what onnxruntime loads for the reference, fresh IR model,
-    torch module or None)."""
+    torch module or None). A file's external data stays in its files (memory-mapped) unless ``stream`` is False."""
     if dynamic_shapes is not None and not _is_torch_module(model_or_path):
         raise CompileError("dynamic_shapes applies to torch models only (an ONNX model's dims are in its inputs)")
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -202,19 +218,22 @@ def _load(model_or_path, example_inputs, dynamic_shapes=None):
 
             if model_or_path in zoo.NAMES:
                 path = zoo.resolve(model_or_path)
-        from graft.ir.onnx_io import load_proto
+        from graft.ir.onnx_io import has_lazy_tensors, inline_lazy_tensors, load_proto
 
-        proto = load_proto(path, check=False)
-        check_file(path)
-        return str(model_or_path), proto, str(path), _from_proto(proto, str(path)), None
+        proto = load_proto(path, check=False, lazy=stream is not False)
+        check_file(path, proto)
+        if stream is False and has_lazy_tensors(proto):
+            inline_lazy_tensors(proto)
+        return str(model_or_path), proto, str(path), _from_proto(proto, str(path), fold_initializer_inputs), None
     if isinstance(model_or_path, onnx.ModelProto):
         from graft.ir.onnx_io import check_proto
 
         check_proto(model_or_path, where="input model")
-        return "ModelProto", model_or_path, model_or_path, _from_proto(model_or_path, "input model"), None
+        return ("ModelProto", model_or_path, model_or_path,
+                _from_proto(model_or_path, "input model", fold_initializer_inputs), None)
     if isinstance(model_or_path, ir.Model):
         proto = ir.to_onnx(model_or_path)  # compile a copy: the caller's model is not edited
-        return "ir.Model", proto, proto, _from_proto(proto, "input model"), None
+        return "ir.Model", proto, proto, _from_proto(proto, "input model", fold_initializer_inputs), None
     if _is_torch_module(model_or_path):
         import torch
 
@@ -228,10 +247,19 @@ def _load(model_or_path, example_inputs, dynamic_shapes=None):
                     f"got {type(model_or_path).__name__}")
 
 
-def check_file(path: Path) -> None:
-    """``onnx.checker`` on the file itself: faster than on the parsed proto, and external data stays put."""
-    from graft.ir.onnx_io import ModelLoadError
+def check_file(path: Path, proto: onnx.ModelProto | None = None) -> None:
+    """``onnx.checker`` on the file itself: faster than on the parsed proto, and external data stays put.
 
+    ``proto``: the file's model when the caller has it; a graph input or output without a type is
+    then reported by name (onnx.checker's message names no value).
+
+    Raises:
+        ModelLoadError: naming ``path`` and the fault.
+    """
+    from graft.ir.onnx_io import ModelLoadError, check_typed
+
+    if proto is not None:
+        check_typed(proto, str(path))
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -262,11 +290,17 @@ def _find_cycle(graph: onnx.GraphProto) -> list[str] | None:
     return label + label[:1]
 
 
-def _from_proto(proto, where):
-    from graft.ir.onnx_io import ModelLoadError
+def _from_proto(proto, where, fold_initializer_inputs: bool | None = None):
+    """The IR of ``proto``; initializers listed as graph inputs become constants when
+    ``fold_initializer_inputs`` is true, or when it is None and the model's IR version is < 4
+    (where every initializer had to be listed as an input, so none of them is meant to be
+    overridden)."""
+    from graft.ir.onnx_io import IR_VERSION_INITIALIZERS_NOT_INPUTS, ModelLoadError
 
+    fold = proto.ir_version < IR_VERSION_INITIALIZERS_NOT_INPUTS if fold_initializer_inputs is None \
+        else fold_initializer_inputs
     try:
-        return ir.from_onnx(proto)
+        return ir.from_onnx(proto, fold_initializer_inputs=fold)
     except ModelLoadError as e:
         raise ModelLoadError(f"{where}: {e}") from None
 
@@ -277,7 +311,9 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             rules=None, verify: bool = True, atol: float = 1e-4, dim_sizes: dict[str, int] | None = None, *,
             rtol: float = 0.0, seed: int = 0, prune=None, dynamic_shapes=None, quantize: str | None = None,
             calibration=None, calib_method: str = "minmax", exclude=None,
-            quantize_options: dict | None = None) -> CompileResult:
+            quantize_options: dict | None = None, fold_initializer_inputs: bool | None = None,
+            precision: str | None = None, precision_options: dict | None = None,
+            stream: bool | None = None) -> CompileResult:
     """Compile a model with a pipeline (plus optional user rules) and check the result.
 
     Args:
@@ -321,6 +357,26 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         exclude: node names, op types, name globs or patterns kept in float.
         quantize_options: more keyword arguments for :func:`graft.compiler.techniques.quantization.quantize`
             (e.g. ``{"smooth": "split", "eval_data": ..., "upgrade_opset": True}``).
+        fold_initializer_inputs: ONNX models: treat initializers that are also listed as graph
+            inputs as constants, so rules fold them (they are no longer inputs of the output, whose
+            IR version becomes at least 4). None (default): only when the model's IR version is
+            < 4, where every initializer is listed as an input; False: never (they stay inputs a
+            caller may override, and are not folded). Ignored for torch models.
+        precision: ``"fp16"`` or ``"bf16"``: float32 nodes move to the lower type after the pipeline (and
+            after ``quantize``) where the schema allows it and the ranges measured on ``calibration``
+            (else generated inputs) fit (:func:`graft.compiler.techniques.precision.convert_precision`);
+            ``exclude`` nodes stay float32. Outputs differ by design: ``result.precision.report`` measures
+            by how much. bf16 with target ``onnx`` and ``verify`` needs onnxruntime kernels for it
+            (PrecisionError naming the ops otherwise); without ``verify`` it is only checked structurally.
+        precision_options: more keyword arguments for ``convert_precision`` (``keep_io_types``: graph
+            inputs/outputs stay float32, default True; ``headroom``, ``samples``, ...).
+        stream: an ``.onnx`` file with external data is compiled without reading its weights into
+            memory (:mod:`graft.compiler.driver.streaming`): they are memory-mapped where rules read
+            them, the output is written once with external data and checked and verified from that
+            file, and :meth:`CompileResult.save` writes it with external data too. None (default) or
+            True: so whenever the file has external data; False: its weights are read in first.
+            Before any work a streamed compile checks that it fits in memory (CompileError naming
+            the sizes, and ``verify=False`` when only verification does not fit).
 
     Returns:
         a :class:`CompileResult`.
@@ -358,7 +414,15 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         prune = as_config(prune, dim_sizes)
         pipe = Pipeline(pipe.name, [prune_pipeline(prune), *pipe.passes], doc=pipe.doc)
     t = time.perf_counter()
-    source, ref_proto, ref_src, model, torch_module = _load(model_or_path, example_inputs, dynamic_shapes)
+    source, ref_proto, ref_src, model, torch_module = _load(model_or_path, example_inputs, dynamic_shapes,
+                                                            fold_initializer_inputs, stream)
+    from graft.ir.onnx_io import FOLDED_INITIALIZER_INPUTS, has_lazy_initializers
+
+    streamed = has_lazy_initializers(model)
+    if streamed:
+        _check_memory(model, source, verify=verify and target == "onnx", quantize=quantize)
+
+    folded_inputs = model.meta.get(FOLDED_INITIALIZER_INPUTS)  # read now: quantization makes a new model
     timings["load"] = time.perf_counter() - t
     before = model_stats(model)
     if torch_module is not None:
@@ -377,15 +441,29 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
 
         t = time.perf_counter()
         opts = {"prepare_pipeline": None, "calib_backend": "torch" if torch_module is not None else "onnxruntime",
-                **(quantize_options or {})}
+                **({"report": False} if streamed else {}), **(quantize_options or {})}
         qres = _quantize(model, quantize, calibration, exclude=exclude, calib_method=calib_method, **opts)
         model = qres.model
         stats.counts.update(qres.counts)
         timings["quantize"] = time.perf_counter() - t
+    prec = None
+    if precision not in (None, "none"):  # float16/bfloat16 after the pipeline (and int8): the remaining float ops
+        from graft.compiler.techniques.precision import convert_precision
+
+        t = time.perf_counter()
+        opts = {"calibration": calibration, "exclude": exclude, "dim_sizes": dim_sizes, "seed": seed,
+                "evaluate": verify, "runtime": "onnxruntime" if verify and target == "onnx" else None,
+                **(precision_options or {})}
+        prec = convert_precision(model, precision, **opts)
+        model = prec.model
+        stats.counts.update(prec.counts)
+        timings["precision"] = time.perf_counter() - t
 
     result = CompileResult(model, None, None, target, source, pipe.name, stats.counts, stats.stop_reasons,
                            stats.passes, before, model_stats(model), Verification("off"), timings)
     result.quantization = qres
+    result.precision = prec
+    _note_folded_inputs(folded_inputs, ref_proto, fold_initializer_inputs, result)
     if prune is not None:
         from graft.compiler.techniques.pruning.api import attach_report
 
@@ -393,14 +471,29 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     _import_new_domains(model, result)
     if target == "onnx":
         from graft.ir.torch_aten import UnloweredOpError, check_lowered
+        from graft.rules.pipelines import forget_inferred_symbols
 
         try:
             check_lowered(model)
         except UnloweredOpError as e:
             raise CompileError(str(e), result) from None
+        # no more shape facts than the input had: inferred symbols let onnxruntime fuse slower kernels
+        forget_inferred_symbols(model)
+    if qres is not None and streamed and qres.report is None:
+        result.notes.append("streamed compile: no per-layer accuracy report (it would hold both models in memory); "
+                            "verification's output comparison measures the quantization error")
     t = time.perf_counter()
-    out_proto, out_bytes = _check_structure(model, result, ref_proto, ref_src, full=verify)
+    if streamed and target == "onnx":
+        out_proto, result.staged = _check_staged(model, result, ref_proto, ref_src, full=verify)
+        out_bytes, out_src = None, str(result.staged.path)  # onnxruntime loads the staged file, external data and all
+    else:
+        out_proto, out_bytes = _check_structure(model, result, ref_proto, ref_src, full=verify)
+        out_src = out_bytes
     timings["check"] = time.perf_counter() - t
+    if ref_proto is not None and out_proto.ir_version > ref_proto.ir_version and not folded_inputs:
+        result.notes.append(f"IR version raised from {ref_proto.ir_version} to {out_proto.ir_version}: the rules "
+                            f"made initializers that are not graph inputs, which IR version "
+                            f"{ref_proto.ir_version} does not allow (every initializer is an input there)")
     if target == "onnx":
         result.proto = out_proto
         result._checked = (out_proto, out_bytes)  # what _save_as_checked writes
@@ -421,7 +514,10 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
     if torch_module is not None and torch_module is model_or_path and any(m.training for m in torch_module.modules()):
         result.notes.append(f"{source} was in training mode: captured (and verified) in eval mode, with dropout "
                             f"off and BatchNorm on its running statistics")
-    if verify:
+    skip = prec.verification_skip(target, torch_module is not None) if verify and prec is not None else None
+    if skip is not None:
+        result.verification = Verification("skipped", reason=skip)
+    elif verify:
         try:
             if torch_module is not None:
                 from graft.ir.torch_frontend import eval_mode
@@ -430,7 +526,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
                     result.verification = verify_torch(torch_module, example_inputs, result.module, result.proto,
                                                        model, atol=atol, rtol=rtol)
             else:
-                result.verification = verify_onnx(ref_proto, ref_src, out_proto, out_bytes, model, example_inputs,
+                result.verification = verify_onnx(ref_proto, ref_src, out_proto, out_src, model, example_inputs,
                                                   dim_sizes, seed, stats.rewrites, atol=atol, rtol=rtol)
         except OutputDoesNotRun as e:
             raise _invalid("does not run in onnxruntime (the input model does)", e.detail, model, out_proto,
@@ -447,6 +543,8 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             return result  # same shapes, finite values: the deviation is the report, not an error
     if qres is not None:
         return result  # quantized outputs differ by design: result.quantization.report measures by how much
+    if prec is not None:
+        return result  # so do float16/bfloat16 ones: result.precision.report measures by how much
     if v.status == "failed":
         bad = [o for o in v.outputs if not o.within(atol, rtol)]
         if not bad:
@@ -458,6 +556,19 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             f"output {worst.name!r} differs from the input model's by max abs {worst.max_abs:.3g} "
             f"(atol {atol:g}){where}", result, v.blame)
     return result
+
+
+def _note_folded_inputs(folded: list[str] | None, ref_proto, asked: bool | None, result: "CompileResult") -> None:
+    """Say in ``result.notes`` which initializer inputs became constants, and why."""
+    from graft.ir.onnx_io import IR_VERSION_INITIALIZERS_NOT_INPUTS
+
+    if not folded or ref_proto is None:
+        return
+    why = "as asked (fold_initializer_inputs)" if asked else \
+        f"since the model's IR version {ref_proto.ir_version} lists every initializer as an input"
+    result.notes.append(f"{len(folded)} initializer(s) also listed as graph inputs (e.g. {folded[0]!r}) were "
+                        f"treated as constants {why}; the output no longer takes them as inputs (IR version "
+                        f"{max(ref_proto.ir_version, IR_VERSION_INITIALIZERS_NOT_INPUTS)})")
 
 
 def _import_new_domains(model: ir.Model, result: "CompileResult") -> None:
@@ -535,6 +646,61 @@ def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src,
                             f"checked without strict shape inference")
     return proto, data
 
+
+
+def _check_memory(model: ir.Model, source: str, *, verify: bool, quantize: str | None) -> None:
+    """Raise CompileError before any work when a streamed compile cannot fit in memory
+    (:func:`graft.compiler.driver.streaming.memory_problem`)."""
+    from graft.compiler.driver.streaming import memory_problem
+
+    total = 0
+    largest = ("", 0)
+    for g in model.all_graphs():
+        for name, v in g.initializers.items():
+            n = v.const.nbytes
+            total += n
+            if n > largest[1]:
+                largest = (name, n)
+    try:
+        why = memory_problem(source, total, largest, verify=verify, quantize=quantize)
+    except ValueError as e:
+        raise CompileError(str(e)) from None
+    if why:
+        raise CompileError(why)
+
+
+def _check_staged(model: ir.Model, result: CompileResult, ref_proto, ref_src, *, full: bool):
+    """:func:`_check_structure` for a streamed compile: ``ir.verify``, then the output written once
+    with external data (:class:`graft.compiler.driver.streaming.StagedOutput`) and ``onnx.checker``
+    run on that file. Returns (the staged proto, the StagedOutput)."""
+    from graft.compiler.driver.streaming import StagedOutput
+    from graft.ir.verifier import problems
+
+    found = problems(model)
+    if found:
+        before = set(problems(ir.from_onnx(ref_proto))) if ref_proto is not None else set()
+        new = [p for p in found if p not in before]
+        if new:
+            raise _invalid("fails ir.verify", "; ".join(new[:3]) + (f" (and {len(new) - 3} more)" if len(new) > 3
+                                                                     else ""), model, None, result)
+        result.notes.append(f"ir.verify: the input model already has {len(found)} problem(s), e.g. {found[0]}")
+    staged = StagedOutput(model)
+
+    def check(src, full_check: bool) -> str | None:
+        try:
+            onnx.checker.check_model(str(src), full_check=full_check)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            return one_line(e)
+        return None
+
+    err = check(staged.path, full)
+    if err is not None:
+        ref_err = check(ref_src, True) if full and isinstance(ref_src, str) else None
+        if ref_err is None or check(staged.path, False) is not None:
+            raise _invalid("fails onnx.checker", err, model, None, result)
+        result.notes.append(f"onnx.checker full_check fails on the input model too ({ref_err}); the output was "
+                            f"checked without strict shape inference")
+    return staged.proto, staged
 
 
 def _invalid(what: str, detail: str, model, proto, result) -> InvalidOutputError:

@@ -92,9 +92,13 @@ def build(result) -> Group:
     elif v.status == "failed" and prune is not None and not prune.zero_only:
         parts.append(Text(f"outputs differ from the input model's, as pruning channels with weights does "
                           f"(inputs {shapes}); fine-tune to recover accuracy", style="cyan"))
+    elif v.status == "failed" and getattr(result, "precision", None) is not None:
+        parts.append(Text(f"outputs differ from the input model's, as lower precision does (inputs {shapes}); "
+                          f"the precision report below measures by how much", style="cyan"))
     elif v.status == "failed" and getattr(result, "quantization", None) is not None:
+        below = "the accuracy report below" if result.quantization.report is not None else "the table above"
         parts.append(Text(f"outputs differ from the input model's, as quantization does (inputs {shapes}); "
-                          f"the accuracy report below measures by how much", style="cyan"))
+                          f"{below} measures by how much", style="cyan"))
     elif v.status == "failed":
         parts.append(Text(f"verification FAILED (atol {v.atol:g}, inputs {shapes})", style="bold red"))
         if v.blame is not None:

@@ -43,6 +43,83 @@ def _where(path: Path, exc: BaseException) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
+# Top-level modules graft had before it became one package (graft.compiler, graft.ir, graft.rules).
+_OLD_TOP = ("compiler", "ir", "rules")
+
+
+def _new_import(line: str, old: str) -> str:
+    """``line`` (an import statement) rewritten to the graft package's names."""
+    stmt = line.strip()
+    m = re.match(rf"from\s+{old}(\.[\w.]+)?\s+import\s+(.+)", stmt)
+    if m:
+        return f"from graft.{old}{m.group(1) or ''} import {m.group(2)}"
+    m = re.match(rf"import\s+{old}(\.[\w.]+)?(\s+as\s+\w+)?\s*$", stmt)
+    if m and m.group(1):
+        return f"import graft.{old}{m.group(1)}{m.group(2) or ''}"
+    if m:
+        return f"from graft import {old}{m.group(2) or ''}"
+    return {"compiler": "from graft.compiler import Rule, Var, op", "ir": "from graft import ir",
+            "rules": "from graft.rules import ..."}[old]
+
+
+def _moved_message(path: Path, line: int | None, old: str) -> str:
+    import linecache
+
+    src = linecache.getline(str(path), line) if line else ""
+    where = f"{path}:{line}" if line else str(path)
+    return (f"{where}: the module {old!r} moved into the graft package; write `{_new_import(src, old)}` "
+            f"(graft.compiler, graft.ir and graft.rules replace compiler, ir and rules)")
+
+
+def _moved_import(path: Path, e: ImportError) -> str | None:
+    """The one-line message for an import of a pre-``graft.*`` module name, else None."""
+    name = getattr(e, "name", None) or ""
+    old = name.split(".")[0]
+    if old not in _OLD_TOP:
+        return None
+    where = _where(path, e)
+    line = int(where.rsplit(":", 1)[1]) if where != str(path) else None
+    return _moved_message(path, line, old)
+
+
+def _stale_imports(path: Path) -> str | None:
+    """A message when the file imported an old top-level name (``from compiler import Rule``) that
+    resolved to graft's own source folder — possible only when the folder holding graft's sources
+    is on ``sys.path`` (running from a source checkout) — else None.
+
+    Such an import loads a second copy of graft's modules under another name; it works in that
+    folder only, so it is refused everywhere, as it fails everywhere else.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (SyntaxError, ValueError, OSError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops = [node.module.split(".")[0]]
+        elif isinstance(node, ast.Import):
+            tops = [a.name.split(".")[0] for a in node.names]
+        else:
+            continue
+        for top in tops:
+            if top in _OLD_TOP and _is_graft_folder(sys.modules.get(top), top):
+                return _moved_message(path, node.lineno, top)
+    return None
+
+
+def _is_graft_folder(module, top: str) -> bool:
+    """True when ``module`` (the top-level ``compiler``/``ir``/``rules``) is graft's ``graft.<top>`` source."""
+    import importlib
+
+    f = getattr(module, "__file__", None)
+    if f is None:
+        return False
+    ours = getattr(importlib.import_module(f"graft.{top}"), "__file__", None)
+    return ours is not None and os.path.realpath(f) == os.path.realpath(ours)
+
+
 def load_rule_file(path: str | os.PathLike) -> list[Rule]:
     """Import ``path`` and return its rules.
 
@@ -51,8 +128,9 @@ def load_rule_file(path: str | os.PathLike) -> list[Rule]:
         :class:`Rule` objects in definition order.
 
     Raises:
-        UserRuleFileError: missing file, import error (``file:line: ErrorType: message``),
-            a ``RULES`` entry that is not a Rule, or no rules at all.
+        UserRuleFileError: missing file, import error (``file:line: ErrorType: message``; an
+            import of the old top-level names ``compiler``/``ir``/``rules``: the ``graft.*``
+            import to write instead), a ``RULES`` entry that is not a Rule, or no rules at all.
     """
     path = Path(path)
     if path.is_dir():
@@ -74,11 +152,20 @@ def load_rule_file(path: str | os.PathLike) -> list[Rule]:
     except SystemExit as e:  # sys.exit() in a rule file must not end graft silently
         raise UserRuleFileError(f"{_where(path, e)}: the rule file called sys.exit({e.code!r}) while being "
                                 f"imported (a rule file only defines rules)") from e
+    except ImportError as e:
+        moved = _moved_import(path, e)
+        if moved:
+            raise UserRuleFileError(moved) from e
+        raise UserRuleFileError(f"{_where(path, e)}: importing the rule file raised "
+                                f"{type(e).__name__}: {e}") from e
     except Exception as e:  # noqa: BLE001 — any import-time failure is the user's file's fault
         raise UserRuleFileError(f"{_where(path, e)}: importing the rule file raised "
                                 f"{type(e).__name__}: {e}") from e
     finally:
         sys.modules.pop(mod_name, None)
+    stale = _stale_imports(path)
+    if stale:
+        raise UserRuleFileError(stale)
     _LOADED.add(os.path.realpath(path))
     if hasattr(module, "RULES"):
         if isinstance(module.RULES, (Rule, str, bytes)) or not hasattr(module.RULES, "__iter__"):

@@ -7,12 +7,13 @@ nearest miss.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from graft.compiler.engine.pattern import Attr, Optional, PatternNode, PatternOutput, Var, attr_default
 from graft.ir import Node, Value
+from graft.ir.dtypes import DataType
 
 
 class Miss:
@@ -69,6 +70,7 @@ class Matcher:
         # match it without the general walk
         r0 = roots[0]
         self._lone_wildcard = len(roots) == 1 and r0.op_type == "*" and not r0.inputs and not r0.attrs
+        self._lone_where = getattr(r0, "node_where", None) if self._lone_wildcard else None
 
     # -- public -------------------------------------------------------------
     def match(self, node: Node) -> dict | None:
@@ -83,15 +85,15 @@ class Matcher:
                 else:
                     return None  # no input comes from a required op: the walk would fail
         if self._lone_wildcard:
-            pn = self.roots[0]
-            where = getattr(pn, "node_where", None)
+            where = self._lone_where
             if where is not None and not where(node):
                 if self._track:
                     self._miss(f"{_describe(node)} fails the pattern's node predicate", node, {"__nodes__": ()})
                 return None
             b = {"__nodes__": (node,), "__roots__": (node,)}
-            if pn.name is not None:
-                b[pn.name] = node
+            name = self.roots[0].name
+            if name is not None:
+                b[name] = node
             return b
         if len(self.roots) == 1:
             return self._first(self.roots[0], node)
@@ -333,18 +335,37 @@ class Match:
 
     - ``m[x]``: the :class:`ir.Value` bound to Var ``x``; for a :class:`Const`,
       its read-only numpy array; None for an absent ``op.optional``.
+    - ``m.const(x)``: the read-only numpy array of the compile-time constant bound
+      to ``x`` (a Var or a Const), None when absent or not a constant.
     - ``m.value(x)``: always the Value (e.g. to reuse an initializer as is).
     - ``m.get(x, default)``: like ``m[x]`` but ``default`` when absent.
     - ``m.<name>``: the node bound by ``name=`` in the pattern.
     - ``m.attr(name)``: an attribute bound with :class:`Attr`.
     - ``m.nodes``: all matched nodes, root first; ``m.root``; ``m.graph``; ``m.opset``.
+
+    Constants are read once per match: ``m[c]``, ``m.const``, ``m.get``,
+    ``m.all_constant`` and ``m.need_constant`` share one lookup per Var, so a check
+    and a replacement may read a tensor as often as their math does. (Decoding a
+    tensor from its ``TensorProto`` happens once per tensor, in
+    :attr:`ir.Tensor.array`.) A rewrite replaces initializers with new values and
+    never edits one in place, and a Match lives for one check and one replacement,
+    so what it serves is never stale. ``m.memo(fn)`` does the same for a value the
+    rule derives: a check and a replacement that both need ``fn(m)`` compute it once.
     """
 
     _METHODS = frozenset({"value", "get", "attr", "fail", "nodes", "root", "graph", "model", "opset",
-                          "all_constant", "escapes", "shape", "dtype", "bindings", "roots", "rule"})
+                          "all_constant", "escapes", "shape", "dtype", "bindings", "roots", "rule",
+                          "const", "need_constant", "memo"})
 
-    def __init__(self, bindings: dict, roots: tuple[Node, ...], opset: int, rule_name: str = ""):
+    def __init__(self, bindings: dict, roots: tuple[Node, ...], opset: int, rule_name: str = "",
+                 names: Iterable[str] = ()):
         self._b = bindings
+        self._known: dict = {}  # Var -> constant array or None, memo function -> its result
+        d = self.__dict__
+        for name in names:  # the pattern's node names (Rule.node_names): m.conv is then a plain attribute
+            node = bindings.get(name)
+            if node is not None:
+                d[name] = node
         self.roots = roots
         self.root = roots[0]
         self.nodes: tuple[Node, ...] = bindings["__nodes__"]
@@ -357,14 +378,25 @@ class Match:
         return self.graph.model
 
     def __getitem__(self, var: Var) -> Any:
-        if var not in self._b:
+        v = self._b.get(var, _UNSET)
+        if v is _UNSET:
             raise KeyError(f"{var!r} is not bound by this rule's pattern")
-        v = self._b[var]
-        if v is None:
-            return None
-        if var.const:
-            return v.constant()
-        return v
+        if v is None or not var.const:
+            return v
+        return self.const(var)
+
+    def const(self, var: Var) -> np.ndarray | None:
+        """The read-only array of the compile-time constant bound to ``var`` (initializer or
+        ``Constant`` output, see :meth:`ir.Value.constant`); None when ``var`` is absent (or not
+        in this pattern, like :meth:`value`) or its value is computed at run time. Looked up once
+        per match.
+        """
+        known = self._known
+        if var in known:
+            return known[var]
+        v = self._b.get(var)
+        arr = known[var] = None if v is None else v.constant()
+        return arr
 
     def value(self, var: Var) -> Value | None:
         return self._b.get(var)
@@ -386,12 +418,48 @@ class Match:
         v = self._b.get(var)
         return None if v is None else v.shape
 
-    def dtype(self, var: Var):
+    def dtype(self, var: Var) -> DataType | None:
+        """The element type of the value bound to ``var``; for a constant whose Value records
+        none (a ``Constant`` output before shape inference), its array's. None when absent or unknown."""
         v = self._b.get(var)
-        return None if v is None else v.dtype
+        if v is None:
+            return None
+        if v.dtype is not None:
+            return v.dtype
+        arr = self.const(var)
+        return None if arr is None else DataType.from_numpy(arr.dtype)
 
     def all_constant(self, *vars_) -> bool:
-        return all(self._b.get(v) is None or self._b[v].constant() is not None for v in vars_)
+        """True when each of ``vars_`` is absent or bound to a compile-time constant."""
+        b = self._b
+        return all(b.get(v) is None or self.const(v) is not None for v in vars_)
+
+    def need_constant(self, *vars_, why: str = "") -> Failure | None:
+        """None when each of ``vars_`` is absent or a compile-time constant; else a Failure for the
+        first that is not, naming it, the matched node that reads it and whether it is a graph input
+        (which callers may override) or computed at run time, then ``why``::
+
+            weight 'W' of Conv 'conv' is not a constant (computed at run time); <why>
+        """
+        b = self._b
+        for var in vars_:
+            v = b.get(var)
+            if v is None or self.const(var) is not None:
+                continue
+            reader = next((n for n in self.nodes if v in n.inputs), self.root)
+            how = "a graph input callers may override" if v.is_graph_input() else "computed at run time"
+            return Failure(f"{var.name} {v.name!r} of {_describe(reader)} is not a constant ({how})"
+                           + (f"; {why}" if why else ""), reader)
+        return None
+
+    def memo(self, fn: Callable[["Match"], Any]) -> Any:
+        """``fn(m)``, computed on the first call for this match and returned again after: a check
+        and a replacement that both need a derived value (a folded result, a scale) share it."""
+        known = self._known
+        if fn in known:
+            return known[fn]
+        got = known[fn] = fn(self)
+        return got
 
     def escapes(self, node: Node) -> bool:
         """True when an output of ``node`` is read outside the match (or is a graph output)."""

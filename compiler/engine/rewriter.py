@@ -28,8 +28,7 @@ import numpy as np
 from graft.compiler.engine.match import Failure, Match, Matcher, Miss
 from graft.compiler.engine.pattern import check_op_name, caller_location
 from graft.compiler.engine.rule import Rule, RuleSet
-from graft.ir import Graph, Model, Node, Tensor, Value
-from graft.ir._gc import gc_paused
+from graft.ir import Graph, Model, Node, Tensor, Value, gc_paused
 from graft.ir.dtypes import DataType
 
 
@@ -255,7 +254,7 @@ class Rewriter:
     # -- one attempt ----------------------------------------------------------
     def _try(self, rule: Rule, bindings: dict, node: Node, opset: int):
         """Check and apply ``rule`` where its pattern matched ``node`` (``bindings``, from the matcher)."""
-        m = Match(bindings, bindings["__roots__"], opset, rule.name)
+        m = Match(bindings, bindings["__roots__"], opset, rule.name, rule.node_names)
         if explain_escape(m) is not None:
             return None
         if rule.check is not None:
@@ -490,7 +489,7 @@ def explain(model: Model, rule: Rule) -> tuple[list[Match], list[tuple[Node, Mis
             if b is None:
                 misses.append((node, matcher.best_miss or Miss("no match", node, 0)))
                 continue
-            m = Match(b, b["__roots__"], model.opset, rule.name)
+            m = Match(b, b["__roots__"], model.opset, rule.name, rule.node_names)
             f = explain_escape(m)
             if f is None and rule.check is not None:
                 v = rule.check(m)

@@ -75,6 +75,10 @@ class Rule:
     def _validate(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise self._err(f"rule name {self.name!r} must be an identifier like 'fold_batchnorm_into_conv'")
+        for n in sorted(self.node_names):
+            if n in Match._METHODS or n.startswith("_"):
+                # m.<name> would reach the Match's own attribute, never the node
+                raise self._err(f"pattern node name {n!r} is taken by the Match (m.{n}); choose another name=")
         if not callable(self.replacement):
             raise self._err("replacement must be a function (op, m) -> value(s)")
         self._check_arity(self.replacement, 2, "replacement", "(op, m)")
@@ -166,7 +170,7 @@ def _match_uses(code: types.CodeType, m_name: str) -> tuple[dict[str, int], dict
                 continue
             if nxt.opname in ("LOAD_ATTR", "LOAD_METHOD"):
                 attrs.setdefault(nxt.argval, line)
-                if nxt.argval in ("get", "value", "shape", "dtype") and i + 2 < len(ins):
+                if nxt.argval in ("get", "value", "shape", "dtype", "const") and i + 2 < len(ins):
                     a = ins[i + 2]
                     if a.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_FAST", "LOAD_NAME"):
                         subs.setdefault(a.argval, line)

@@ -176,3 +176,14 @@ def default_dim_sizes(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None =
             else:
                 unnamed_axes.add(axis)
     return sizes, BATCH_DIM if unnamed_axes <= {0} else OTHER_DIM
+
+
+def to_numpy(x) -> np.ndarray:
+    """A numpy array of ``x`` (numpy, or a torch tensor detached to CPU; bfloat16 widened to float32,
+    which numpy lacks)."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)

@@ -73,7 +73,7 @@ def save(proto: onnx.ModelProto, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- user rule files
-RULE_HEADER = "from compiler import Const, Rule, Var, op\nimport numpy as np\n"
+RULE_HEADER = "from graft.compiler import Const, Rule, Var, op\nimport numpy as np\n"
 
 WRONG_DIV = """
 x, c = Var("x"), Const("c")

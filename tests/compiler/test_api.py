@@ -222,7 +222,7 @@ def test_rule_file_import_error_names_file_and_line(tmp_path):
     p = rule_file(tmp_path, RAISES_AT_IMPORT)
     with pytest.raises(UserRuleFileError, match=rf"{p}:5: importing the rule file raised ZeroDivisionError"):
         load_rule_file(p)
-    (tmp_path / "syntax.py").write_text("from compiler import Rule\ndef f(:\n")
+    (tmp_path / "syntax.py").write_text("from graft.compiler import Rule\ndef f(:\n")
     with pytest.raises(UserRuleFileError, match=r"syntax.py:2: .*SyntaxError"):
         load_rule_file(tmp_path / "syntax.py")
     (tmp_path / "empty.py").write_text("x = 1\n")
@@ -233,7 +233,7 @@ def test_rule_file_import_error_names_file_and_line(tmp_path):
         load_rule_file(tmp_path / "badlist.py")
     with pytest.raises(UserRuleFileError, match="no such rule file"):
         load_rule_file(tmp_path / "missing.py")
-    (tmp_path / "typo.py").write_text("from compiler import Rule, Var, op\nx = Var('x')\n"
+    (tmp_path / "typo.py").write_text("from graft.compiler import Rule, Var, op\nx = Var('x')\n"
                                       "r = Rule('r', op.Reluu(x), lambda op, m: m[x])\n")
     with pytest.raises(UserRuleFileError, match=r"typo.py:3: invalid rule: .*unknown ONNX op 'Reluu'.*'Relu'"):
         load_rule_file(tmp_path / "typo.py")

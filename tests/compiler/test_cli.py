@@ -184,7 +184,9 @@ def test_rules_lists_builtins_and_pipelines():
     lines = r.stdout.splitlines()
     for rule in rules.all_rules():
         line = next(ln for ln in lines if ln.split()[:1] == [rule.name])
-        assert line.split()[1] == ("*" if rule.roots[0].is_wildcard else rule.roots[0].op_type)
+        root = rule.roots[0]
+        assert line.split()[1] == ("*" if root.is_wildcard else
+                                   f"{root.domain}::{root.op_type}" if root.domain else root.op_type)
     assert any(ln.split()[:1] == ["fold_batchnorm_into_conv"] and "BatchNormalization" in ln for ln in lines)
     assert "pipelines:" in lines
     opt = next(ln for ln in lines if ln.split()[:1] == ["optimize"])

@@ -377,6 +377,127 @@ def test_shared_initializer_is_never_changed_in_place():
     assert_same_outputs(proto, ir.to_onnx(model), atol=1e-5)
 
 
+# --------------------------------------------------------------------------- constants read through the Match
+def test_match_reads_each_constant_once_and_memoizes_derived_values(monkeypatch):
+    """A check and a replacement may read a constant as often as their math does: the Match
+    asks the IR once per Var per match, and ``m.memo(fn)`` runs ``fn`` once per match."""
+    reads, derived = {}, []
+    real_constant = ir.Value.constant
+
+    def counting_constant(self):
+        reads[self.name] = reads.get(self.name, 0) + 1
+        return real_constant(self)
+
+    scale, shift = Var("scale"), Const("shift")  # a Var (read by the rule) and a Const (read by the matcher too)
+
+    def doubled(m):
+        derived.append(m.root.outputs[0].name)
+        return m.const(scale) * 2
+
+    def check(m):
+        reads.clear()  # from here on: the reads the Match serves (the matcher read `shift` already)
+        if not m.all_constant(scale, shift) or m.need_constant(scale, shift) is not None:
+            return m.fail("not constant")
+        assert m.const(scale) is m.const(scale) and m[shift] is m.get(shift) is m.const(shift)
+        assert m.memo(doubled).shape == (4,)
+        return None
+
+    def replacement(op, m):
+        assert m.const(scale).dtype == np.float32 and m.dtype(scale) == ir.DataType.FLOAT
+        # x * scale + shift as x * scale - (-shift), so the result does not match the pattern again
+        return op.Sub(op.Mul(m[x], op.const(m.memo(doubled) / 2)), op.const(-(m[shift] + m.get(shift) * 0)))
+
+    rule = Rule("reads_once", op.Add(op.Mul(x, scale, name="mul"), shift, name="add"), replacement, check=check)
+    proto = build("""g (float[2, 4] x) => (float[2, 4] y) {
+        p = Mul(x, S)
+        y = Add(p, T)
+    }""", S=f32(4), T=f32(4))
+    monkeypatch.setattr(ir.Value, "constant", counting_constant)
+    model, res, out = run_rules(proto, [rule])
+    assert res.counts == {"reads_once": 1}
+    assert reads == {"S": 1, "T": 1}  # each read once, though check and replacement read each 7 times
+    assert derived == ["y"]  # computed in the check, served again to the replacement
+    assert_same_outputs(proto, out, atol=1e-6)
+
+
+def test_replaced_initializers_are_never_served_stale():
+    """Each match reads the constants of the graph as it is now: a rule that replaces an
+    initializer with a new one is followed by matches that see the new data. Rewriting
+    ``Add(x, c)`` to ``Add(x, c + 1)`` while c < 5 stops after exactly four rewrites, at 5."""
+    c = Const("c", where=lambda a: a.size == 1 and float(a.reshape(())) < 5)
+    bump = Rule("bump", op.Add(x, c), lambda op, m: op.Add(m[x], op.const(m[c] + 1)))
+    proto = build("""g (float[3] x) => (float[3] y) {
+        y = Add(x, k)
+    }""", k=np.array([1.0], np.float32))
+    model, res, out = run_rules(proto, [bump])
+    assert res.counts == {"bump": 4} and res.stop_reason is StopReason.SATURATED
+    (add,) = model.graph
+    np.testing.assert_array_equal(add.inputs[1].constant(), [5.0])
+    feeds = {"x": np.array([0.5, -1.0, 2.0], np.float32)}
+    got = ir.to_onnx(model)
+    import onnxruntime as ort
+    (y,) = ort.InferenceSession(got.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(y, feeds["x"] + 5)
+
+
+def test_batchnorm_folded_twice_reads_the_first_fold_s_weights():
+    """Conv -> BN -> BN: the second fold's Match must read the weights the first fold made
+    (new initializers replacing the originals), not the originals."""
+    proto = build("""g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        z = BatchNormalization (c, gamma, beta, mean, var)
+        y = BatchNormalization (z, k_gamma, k_beta, k_mean, k_var)
+    }""", w=f32(4, 3, 3, 3), b=f32(4), **bn_stats(4), **bn_stats(4, "k_"))
+    model, res, out = run_rules(proto, [fold_batchnorm_into_conv])
+    assert res.counts == {"fold_batchnorm_into_conv": 2}
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    assert_same_outputs(proto, out, atol=1e-4)
+
+
+def test_need_constant_names_the_value_its_reader_and_why():
+    s = Var("s")
+    rule = Rule("needs_const_scale", op.Mul(x, s, name="mul"), lambda op, m: m[x],
+                check=lambda m: m.need_constant(x, s, why="the scale must be known"))
+    proto = build("""g (float[4] a, float[4] t) => (float[4] y) {
+        r = Relu(t)
+        y = Mul(a, r)
+    }""")
+    hits, misses = explain(ir.from_onnx(proto), rule)
+    assert hits == []
+    assert misses[0][1].reason == ("x 'a' of Mul (output 'y') is not a constant (a graph input callers may "
+                                   "override); the scale must be known")
+    # x is checked first; with a constant x the reason names s, computed at run time
+    proto = build("""g (float[4] t) => (float[4] y) {
+        r = Relu(t)
+        y = Mul(a, r)
+    }""", a=f32(4))
+    (node, miss), = explain(ir.from_onnx(proto), rule)[1]
+    assert miss.reason.startswith("s 'r' of Mul (output 'y') is not a constant (computed at run time)")
+
+
+def test_dtype_of_a_constant_node_output_without_recorded_type():
+    """m.dtype falls back to the constant's own element type when the Value records none."""
+    seen = []
+    k = Var("k")
+    rule = Rule("look", op.Add(x, k), lambda op, m: m[x], check=lambda m: seen.append(m.dtype(k)) or m.fail("no"))
+    proto = build("""g (float[2] a) => (float[2] y) {
+        kk = Constant <value = float[2] {1.0, 2.0}> ()
+        y = Add(a, kk)
+    }""")
+    model = ir.from_onnx(proto)
+    for g_ in model.all_graphs():
+        for n in g_:
+            for o in n.outputs:
+                o.dtype = None if o.name == "kk" else o.dtype
+    explain(model, rule)
+    assert seen == [ir.DataType.FLOAT]
+
+
+def test_node_name_taken_by_the_match_is_a_definition_error():
+    with pytest.raises(RuleDefinitionError, match=r"pattern node name 'const' is taken by the Match \(m.const\)"):
+        Rule("shadowed", op.Relu(x, name="const"), lambda op, m: m[x])
+
+
 # --------------------------------------------------------------------------- limits, provenance, determinism
 NEGS = """g (float[4] a) => (float[4] y) {
     n1 = Neg(a)

@@ -114,7 +114,7 @@ def test_cli_unknown_rule_names_close_ones(tmp_path, ppocr_cls_path):
     assert "did you mean" in res.stderr and RULE in res.stderr
     assert "Traceback" not in res.output
     rules_py = tmp_path / "r.py"
-    rules_py.write_text("from compiler import Rule, Var, op\n"
+    rules_py.write_text("from graft.compiler import Rule, Var, op\n"
                         "x = Var('x')\n"
                         "mine = Rule('my_relu', op.Relu(x), lambda op, m: op.Relu(m[x]))\n")
     res = _run("my_rleu", ppocr_cls_path, "--rules", rules_py)
@@ -127,11 +127,11 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, ppocr_cls_path):
     res = _run(RULE, tmp_path / "missing.onnx")
     assert res.exit_code == 1 and "missing.onnx: no such file" in res.stderr
     bad = tmp_path / "bad_rules.py"
-    bad.write_text("from compiler import Rule\n\ndef broken(:\n")
+    bad.write_text("from graft.compiler import Rule\n\ndef broken(:\n")
     res = _run(RULE, ppocr_cls_path, "--rules", bad)
     assert res.exit_code == 1 and f"{bad}:3" in res.stderr and "SyntaxError" in res.stderr
     raising = tmp_path / "raising.py"
-    raising.write_text("from compiler import Rule, Var, op\n"
+    raising.write_text("from graft.compiler import Rule, Var, op\n"
                        "x = Var('x')\n"
                        "def check(m):\n"
                        "    raise ValueError('boom')\n"

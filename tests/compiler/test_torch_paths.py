@@ -280,9 +280,10 @@ def test_cli_compiles_a_torch_factory_to_onnx_and_torch(cli, tmp_path):
     got = list(numeric.run(str(out), {"x": x.numpy()}).values())[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x).numpy(), atol=1e-4)
-    pt = tmp_path / "m.pt"
+    pt = tmp_path / "m.pt2"
     r = cli("compile", "--torch", "examples.torch_models:mobilenetv3_style", "--target", "torch", "-o", str(pt))
     assert r.exit_code == 0, r.output
+    assert "m.pt2: torch.export program" in r.output  # the summary says which format was written
     gm = load_module(pt)
     module, (x,) = mobilenetv3_style()
     with torch.no_grad():
@@ -380,5 +381,5 @@ def test_cli_refuses_an_output_name_that_contradicts_the_target(cli, tmp_path):
     r = cli("compile", *spec, "-o", str(tmp_path / "m.pt"))
     assert r.exit_code == 1 and "--target onnx writes an ONNX model" in r.output and "add --target torch" in r.output
     r = cli("compile", *spec, "--target", "torch", "-o", str(tmp_path / "m.onnx"))
-    assert r.exit_code == 1 and "--target torch writes a torch.save'd GraphModule" in r.output
+    assert r.exit_code == 1 and "--target torch writes a torch module (.pt2)" in r.output
     assert list(tmp_path.iterdir()) == []

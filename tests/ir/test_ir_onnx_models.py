@@ -219,8 +219,11 @@ def test_external_data_load_save_reload(tmp_path):
     assert np.array_equal(model.graph.initializers["W"].const.array,
                           onnx.numpy_helper.to_array(proto.graph.initializer[0]))
     dst = tmp_path / "dst" / "m.onnx"
-    ir.save(model, dst)  # small: one self-contained file
+    ir.save(model, dst, external_data=False)  # asked for: one self-contained file
     assert sorted(p.name for p in dst.parent.iterdir()) == ["m.onnx"]
+    kept = tmp_path / "kept" / "m.onnx"
+    ir.save(model, kept)  # the input had external data: so does the output (issue 11)
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
     again = onnx.load(str(dst))
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 8, 8, 8)).astype(np.float32)}
     assert_bit_identical(proto, again, feeds)

@@ -252,30 +252,32 @@ def test_torch_origin_state_dict_keeps_fqns_and_kinds():
         torch.testing.assert_close(gm(*inp), m(*inp), rtol=0, atol=1e-5)
 
 
-def test_save_and_load_round_trip(tmp_path):
+@pytest.mark.parametrize("with_inputs", [True, False], ids=["pt2", "graft-fx"])
+def test_save_and_load_round_trip(tmp_path, with_inputs):
     m, inp = resnet_style()
     gm = ir.to_torch(ir.from_torch(m, inp))
-    path = tmp_path / "model.pt"
-    save_module(gm, path)
+    path = tmp_path / "model.pt2"
+    report = save_module(gm, path, tuple(inp) if with_inputs else None)
+    assert report.format == ("pt2" if with_inputs else "graft-fx")
     back = load_module(path)
     with torch.no_grad():
-        torch.testing.assert_close(back(*inp), gm(*inp), rtol=0, atol=0)
+        torch.testing.assert_close(back(*inp), gm(*inp), rtol=0, atol=1e-6)
+    assert {k for k, _ in back.named_parameters()} == {k for k, _ in gm.named_parameters()}
     assert step_changes_parameters(back, inp) == len(list(back.parameters()))
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
 
 
 def test_unsupported_ops_are_listed_with_node_names():
     m = parse_model('''<ir_version: 8, opset_import: ["" : 18, "my.ops": 1]>
-agraph (float[4] x, bool c) => (float y, float z) {
+agraph (float[4] x, seq(float[4]) s) => (float y, seq(float[4]) z) {
     y = my.ops.Frobnicate(x)
-    z = If(c) <then_branch = g1 () => (float t) { t = Identity(x) },
-               else_branch = g2 () => (float e) { e = Neg(x) }>
+    z = SequenceMap(s) <body = g1 (float[4] e) => (float[4] o) { o = Neg(e) }>
 }''')
     with pytest.raises(TorchBackendError) as e:
         ir.to_torch(ir.from_onnx(m))
     msg = str(e.value)
     assert "my.ops::Frobnicate" in msg and "custom domain" in msg
-    assert "If (node" in msg and "control flow" in msg
+    assert "SequenceMap (node" in msg and "control flow" in msg
 
 
 def test_every_onnx_op_the_lowering_emits_has_a_torch_implementation():

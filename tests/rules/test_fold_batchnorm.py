@@ -277,7 +277,7 @@ def test_refuses_non_constant_weight():
     proto = _conv_bn(w_input=True)
     assert_unchanged(proto)
     reason = nearest_reason(proto, fold_batchnorm_into_conv)
-    assert "weight 'W'" in reason and "is not a constant" in reason
+    assert "w 'W' of Conv" in reason and "is not a constant (a graph input callers may override)" in reason
 
 
 def test_refuses_non_constant_statistics():
@@ -317,6 +317,20 @@ def test_refuses_non_float_statistics():
     model = ir.from_onnx(proto)
     assert rewrite(model, RULES).rewrites == 0
     assert "folding needs floating-point tensors" in nearest_reason(proto, fold_batchnorm_into_conv)
+
+
+def test_refuses_non_positive_var_plus_epsilon():
+    """var + epsilon <= 0 has no real square root: the BN is kept, the reason counts the channels."""
+    rng = np.random.default_rng(10)
+    stats = bn_stats(rng, 4)
+    stats["var"][[0, 2]] = -1.0
+    proto = build("""
+        g (float[1, 3, 6, 6] x) => (float[1, 4, 4, 4] y) {
+            c = Conv (x, W)
+            y = BatchNormalization (c, gamma, beta, mean, var)
+        }""", W=rng.normal(size=(4, 3, 3, 3)).astype(np.float32), **stats)
+    assert_unchanged(proto)
+    assert "has var + epsilon <= 0 for 2 channel(s)" in nearest_reason(proto, fold_batchnorm_into_conv)
 
 
 def test_refuses_spatial_zero():

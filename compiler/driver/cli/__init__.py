@@ -1,11 +1,16 @@
 """The ``graft`` command line (click). One module per command in this folder.
 
+Each command module defines a plain ``click.command`` and imports nothing from this
+package's ``__init__``; the group below collects them.
+
 Start-up stays lean: importing this package must not import torch (a torch model
 path imports it on demand).
 """
 from __future__ import annotations
 
 import click
+
+from graft.compiler.driver.cli import compile_cmd, diff_cmd, explain_cmd, rules_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,9 +19,7 @@ def main() -> None:
     """graft: a declarative graph-rewriting compiler for ONNX and torch models."""
 
 
-def _register() -> None:
-    # Each command lives in its own module; a missing module is a packaging bug, so fail loudly.
-    from graft.compiler.driver.cli import compile_cmd, diff_cmd, explain_cmd, rules_cmd  # noqa: F401
-
-
-_register()
+main.add_command(compile_cmd.compile_cmd)
+main.add_command(diff_cmd.diff_cmd)
+main.add_command(explain_cmd.explain_cmd)
+main.add_command(rules_cmd.rules_cmd)

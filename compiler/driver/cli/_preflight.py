@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 from graft.compiler.driver.cli._errors import fail
 
@@ -40,14 +41,16 @@ def input_files(src: Path) -> list[Path]:
     """``src`` and the external data files its tensors point at (ONNX ``location``, relative to
     ``src``'s folder), main graph and subgraphs. Unreadable models give just ``[src]``: loading
     reports those later, with a better message."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import uses_external_data
+
+    from graft.ir.tensor_proto import model_tensors
 
     files = [src]
     proto = _header(src)
     if proto is None:
         return files
     seen = set()
-    for t in _get_all_tensors(proto):
+    for t in model_tensors(proto):
         if not uses_external_data(t):
             continue
         loc = next((e.value for e in t.external_data if e.key == "location"), None)
@@ -57,28 +60,44 @@ def input_files(src: Path) -> list[Path]:
     return files
 
 
-def check_output_path(output: str, src: Path | None) -> None:
+def _files_of(path: Path) -> list[Path]:
+    """``path`` itself, or for a folder (a calibration directory) the ``.npy`` files it holds."""
+    if path.is_dir():
+        return sorted(path.glob("*.npy"))
+    return [path]
+
+
+def check_output_path(output: str, src: Path | None, reads: Sequence[tuple[str, str | Path]] = ()) -> None:
     """End the process with a one-line error (:func:`fail`) when ``output`` cannot or must not be written.
 
-    Refused: the input model itself (also through a link), one of the input's external data
-    files, or a path whose folder is a file or is not writable. A missing folder is fine
-    (it is created when the result is saved).
+    Refused: any file the command reads — the input model (also through a symbolic or hard
+    link), its external data files, and each ``(what, path)`` of ``reads`` (``--rules`` files,
+    ``--calibration`` data, the ``--torch`` module; for a folder, the ``.npy`` files in it) —
+    or whose ``OUT.data`` tensor file (written beside a model over 2 GiB) is one of them; a
+    path whose folder is a file or is not writable. A missing folder is fine (it is created
+    when the result is saved). Runs before any work: nothing is loaded or compiled yet.
     """
     if not output.strip() or Path(output).name in ("", ".", ".."):
         fail(f"-o {output!r}: give the path of the file to write, e.g. -o model.opt.onnx")
     out = Path(output)
-    # only an existing file can be one of the input's files: parse the input's header only then
-    if src is not None and (out.exists() or Path(str(out) + ".data").exists() or out.is_symlink()):
-        files = input_files(src)
-        if _same(out, files[0]):
-            fail(f"{output}: is the input model; refusing to overwrite it (choose another -o path)")
-        for f in files[1:]:
+    data = Path(str(out) + ".data")  # a large output writes its tensors to OUT.data
+    # only an existing file can be one of the inputs: parse the input's header only then. The
+    # resolved path counts too: `sub/../m.onnx` with no `sub` does not exist for the kernel yet,
+    # but the save creates `sub` and then writes m.onnx.
+    if any(p.exists() for p in (out, data, out.resolve(), data.resolve())) or out.is_symlink():
+        protected: list[tuple[str, Path]] = []
+        if src is not None:
+            files = input_files(src)
+            protected.append(("the input model", files[0]))
+            protected += [(f"the external data file of the input model {src}", f) for f in files[1:]]
+        for what, p in reads:
+            protected += [(f"the {what} file" if Path(p).is_file() else f"a {what} file", f)
+                          for f in _files_of(Path(p))]
+        for what, f in protected:
             if _same(out, f):
-                fail(f"{output}: is the external data file of the input model {src}; refusing to overwrite it "
-                     f"(choose another -o path)")
-            if _same(Path(str(out) + ".data"), f):  # a large output writes its tensors to OUT.data
-                fail(f"{output}: its tensor file {output}.data would overwrite the input model's external data "
-                     f"{f}; choose another -o path")
+                fail(f"{output}: is {what} ({f}); refusing to overwrite a file graft reads (choose another -o path)")
+            if _same(data, f):
+                fail(f"{output}: its tensor file {data} would overwrite {what} ({f}); choose another -o path")
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent

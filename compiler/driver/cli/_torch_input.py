@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from graft.compiler.driver.cli._errors import fail
 
@@ -37,9 +38,20 @@ def load_factory(spec: str):
         sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        fail(f"--torch {spec}: cannot import {mod_name!r} ({e}); run graft from the directory that holds it "
-             f"or install the package")
+    except ModuleNotFoundError as e:
+        if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            fail(f"--torch {spec}: cannot import {mod_name!r} ({e}); run graft from the directory that holds it "
+                 f"or install the package")
+        fail(f"--torch {spec}: {_where(e)}importing {mod_name} raised {type(e).__name__}: {e} (install the missing "
+             f"package, or fix the import)")
+    except SyntaxError as e:
+        where = f"{e.filename}:{e.lineno}: " if e.filename and e.lineno else ""
+        fail(f"--torch {spec}: {where}SyntaxError: {e.msg} (fix the module)")
+    except Exception as e:  # noqa: BLE001 — user code raised while being imported: report it on one line
+        fail(f"--torch {spec}: {_where(e)}importing {mod_name} raised {type(e).__name__}: {e} (fix the module)")
+    except SystemExit as e:
+        fail(f"--torch {spec}: {_where(e)}importing {mod_name} called sys.exit({e.code!r}) (a model module must "
+             f"not exit when imported)")
     fn = getattr(mod, attr, None)
     if fn is None or not callable(fn):
         names = ", ".join(n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n)))
@@ -47,19 +59,45 @@ def load_factory(spec: str):
     return fn
 
 
-def torch_model(spec: str, input_shapes: tuple[str, ...]):
+def _where(exc: BaseException) -> str:
+    """``file:line: `` in the user's module where ``exc`` was raised, or ``""``.
+
+    The user's module is the first file the traceback enters after this one and Python's
+    import machinery; the line is the deepest frame in that file (the statement that raised,
+    or the call into a library that did).
+    """
+    machinery = os.path.dirname(importlib.__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(("<", machinery)) and f.filename != __file__]
+    if not frames:
+        return ""
+    user = frames[0].filename
+    last = [f for f in frames if f.filename == user][-1]
+    return f"{last.filename}:{last.lineno}: "
+
+
+def factory_file(spec: str) -> str | None:
+    """The source file of the module ``package.module:factory`` names (imported already by
+    :func:`load_factory`), or None (a namespace package, a built-in)."""
+    mod = sys.modules.get(spec.partition(":")[0])
+    return getattr(mod, "__file__", None)
+
+
+def torch_model(spec: str, input_shapes: tuple[str, ...], fn=None):
     """(module, example inputs) from the factory and ``--input-shape``.
 
+    ``fn``: the factory when :func:`load_factory` already found it.
     Ends the process with a one-line error when the factory fails, returns something
     that is not a module, or no inputs are known.
     """
     import torch
 
-    fn = load_factory(spec)
+    if fn is None:
+        fn = load_factory(spec)
     try:
         got = fn()
     except Exception as e:  # noqa: BLE001 — user code: report it on one line
-        fail(f"--torch {spec}: the factory raised {type(e).__name__}: {e}")
+        fail(f"--torch {spec}: {_where(e)}the factory raised {type(e).__name__}: {e}")
     module, inputs = (got if isinstance(got, tuple) and len(got) == 2 else (got, None))
     if not isinstance(module, (torch.nn.Module, torch.export.ExportedProgram)):
         fail(f"--torch {spec}: the factory returned {type(module).__name__}; it must return a torch.nn.Module "

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 
-from graft.compiler.driver.cli import main
 from graft.compiler.driver.cli._errors import fail, parse_dims
 from graft.compiler.driver.cli._preflight import check_dims, check_output_path
 
@@ -51,6 +50,19 @@ def _prune_errors() -> tuple:
     return PruneError, SelectionError, PlanError, AnalysisError, ShapeError
 
 
+def _calibration_data_error() -> type:
+    # CalibrationDataError only: the data is read by --prune-criterion taylor and --quantize alike
+    from graft.compiler.techniques.calibration import CalibrationDataError
+
+    return CalibrationDataError
+
+
+def _precision_error() -> type:
+    from graft.rules.precision import PrecisionError
+
+    return PrecisionError
+
+
 def _quantize_errors() -> tuple:
     # imported only when an error reaches this clause: a compile without --quantize skips the import
     from graft.compiler.techniques.calibration import CalibrationDataError, CalibrationRunError
@@ -59,16 +71,19 @@ def _quantize_errors() -> tuple:
     return QuantizationError, CalibrationDataError, CalibrationRunError
 
 
-@main.command("compile")
+@click.command("compile")
 @click.argument("model", metavar="IN", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the result: ONNX, or a torch.save'd GraphModule with --target torch.")
+              help="Where to write the result: ONNX, or with --target torch a .pt2 file (data only; see README "
+                   "'Torch in and out').")
 @click.option("--torch", "torch_spec", metavar="PKG.MODULE:FACTORY",
               help="Compile a torch model: FACTORY() returns a module or (module, example_inputs); replaces IN.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
               help="Example input of the --torch model, e.g. 1x3x224x224 or 2x16:int64 (one per input, in order).")
 @click.option("--target", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
-              help="Output: an ONNX model, or a torch.fx.GraphModule (load with graft.ir.torch_backend.load_module).")
+              help="Output: an ONNX model, or a trainable torch module: a torch.export program when torch.export "
+                   "captures it (torch.export.load(OUT).module()), else graft's graft-fx format (load either with "
+                   "graft.ir.torch_backend.load_module).")
 @click.option("--pipeline", default="optimize", show_default=True,
               help="Named pipeline (see `graft rules`); 'none' runs only --rules.")
 @click.option("--rules", "rule_files", multiple=True, metavar="FILE",
@@ -99,28 +114,51 @@ def _quantize_errors() -> tuple:
                                  "weight-only-int8", "weight-only-int4", "none"]),
               help="Int8 quantization after the pipeline; auto times the candidate formats and keeps the fastest "
                    "within the accuracy budget.")
+@click.option("--weight-format", type=click.Choice(["dq", "matmulnbits"]), default="dq", show_default=True,
+              help="--quantize weight-only-*: standard ONNX DequantizeLinear(block_size) -> MatMul (onnxruntime fuses "
+                   "it into MatMulNBits), or onnxruntime's com.microsoft.MatMulNBits directly.")
+@click.option("--block-size", type=int, default=32, show_default=True, metavar="N",
+              help="--quantize weight-only-*: weights per scale along K, a power of two from 16 to 256.")
+@click.option("--asymmetric", is_flag=True, help="--quantize weight-only-*: per-block zero points (default: symmetric).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="--weight-format matmulnbits: MatMulNBits compute precision (0 unset = float32 on CPU, 4 = int8 "
+                   "activations, faster).")
 @click.option("--calibration", type=click.Path(exists=True), metavar="PATH",
-              help="Calibration data for --quantize: an .npz file or a directory of .npy files.")
+              help="Calibration data for --quantize and --precision: an .npz file or a directory of .npy files.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
               show_default=True, help="How calibrated ranges are chosen.")
 @click.option("--exclude", "exclude", multiple=True, metavar="NODE|OP|GLOB",
               help="Keep in float: a node name, an op type, or a name glob (repeatable).")
 @click.option("--upgrade-opset", is_flag=True,
               help="Convert the model to the opset the quantization format needs instead of failing.")
+@click.option("--fold-initializer-inputs", is_flag=True,
+              help="Treat initializers that are also graph inputs as constants, so they fold (always done for "
+                   "IR version < 4 models, which list every initializer as an input); OUT no longer takes them "
+                   "as inputs.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "none"]), default="none", show_default=True,
+              help="Run float32 nodes in float16/bfloat16 where the op's schema allows it and the ranges measured on "
+                   "--calibration (else generated inputs) fit; the summary lists the nodes kept in float32 and why.")
+@click.option("--keep-io-types/--no-keep-io-types", default=True, show_default=True,
+              help="With --precision: graph inputs and outputs stay float32.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary, only errors.")
 def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_shapes: tuple[str, ...], target: str,
                 pipeline: str, rule_files: tuple[str, ...], no_verify: bool, atol: float, dims: tuple[str, ...],
                 quiet: bool, prune_ratio: float | None = None, prune_criterion: str = "l2", prune_round: int = 1,
                 prune_zero_only: bool = False, prune_scope: str = "local",
                 prune_calibration: str | None = None, quantize_mode: str = "none", calibration: str | None = None,
-                calib_method: str = "minmax", exclude: tuple[str, ...] = (), upgrade_opset: bool = False) -> None:
+                calib_method: str = "minmax", exclude: tuple[str, ...] = (), upgrade_opset: bool = False,
+                fold_initializer_inputs: bool = False, precision: str = "none", keep_io_types: bool = True,
+                weight_format: str = "dq", block_size: int = 32, asymmetric: bool = False,
+                accuracy_level: int = 0) -> None:
     """Compile IN (an .onnx file or a zoo name: ppocr-cls, ppocr-det, ppocr-rec, minilm) into OUT.
 
     Loads IN (onnx.checker), runs the pipeline and any --rules, checks the result
     (ir.verify, onnx.checker; full_check unless --no-verify) and, unless --no-verify, compares its
     outputs with IN's in onnxruntime on generated inputs. OUT is written
-    atomically, and only if every step succeeded. Exit status 1 on any error,
-    with one line on stderr (GRAFT_DEBUG=1 adds the traceback).
+    atomically, and only if every step succeeded; OUT may not be any file the command reads (IN,
+    its data files, --rules, --calibration, the --torch module). Exit status 1 on any error,
+    with one line on stderr (GRAFT_DEBUG=1 adds the traceback); ended by SIGTERM or SIGHUP while
+    writing, 128 + the signal number, with no temporary file left.
     """
     from graft.compiler.driver.api import CompileError, InvalidOutputError, NumericMismatchError, compile
     from graft.rules.pipelines import get_pipeline
@@ -132,12 +170,17 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
     dim_sizes = parse_dims(dims)
     out = Path(output)
     example_inputs = None
+    reads = [("--rules", p) for p in rule_files] + \
+        [(opt, p) for opt, p in (("--calibration", calibration), ("--prune-calibration", prune_calibration)) if p]
     if torch_spec:
         if model:
             fail(f"give either IN ({model}) or --torch {torch_spec}, not both")
-        from graft.compiler.driver.cli._torch_input import torch_model
+        from graft.compiler.driver.cli._torch_input import factory_file, load_factory, torch_model
 
-        model, example_inputs = torch_model(torch_spec, input_shapes)
+        factory = load_factory(torch_spec)
+        module_file = factory_file(torch_spec)
+        check_output_path(output, None, reads + ([("--torch module", module_file)] if module_file else []))
+        model, example_inputs = torch_model(torch_spec, input_shapes, factory)
         label = torch_spec
     else:
         if not model:
@@ -146,12 +189,12 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
             fail("--input-shape is for --torch models (an ONNX model's inputs are typed; use --dim NAME=SIZE)")
         src = _input_path(model)
         label = model
+        check_output_path(output, src, reads)
         check_dims(src, dim_sizes)
-    check_output_path(output, None if torch_spec else src)
     suffix = out.suffix.lower()
-    if (target == "onnx" and suffix in (".pt", ".pth")) or (target == "torch" and suffix == ".onnx"):
-        what = "an ONNX model" if target == "onnx" else "a torch.save'd GraphModule"
-        fix = "add --target torch, or name it .onnx" if target == "onnx" else "drop --target torch, or name it .pt"
+    if (target == "onnx" and suffix in (".pt", ".pth", ".pt2")) or (target == "torch" and suffix == ".onnx"):
+        what = "an ONNX model" if target == "onnx" else "a torch module (.pt2)"
+        fix = "add --target torch, or name it .onnx" if target == "onnx" else "drop --target torch, or name it .pt2"
         fail(f"-o {output}: --target {target} writes {what}, not what the name {suffix} says ({fix})")
     try:
         get_pipeline(pipeline)
@@ -171,6 +214,17 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
     if quantize_mode in ("static", "static-per-tensor", "static-per-channel") and not calibration:
         fail(f"--quantize {quantize_mode} needs calibration data: --calibration FILE.npz or a directory of .npy "
              f"(or use --quantize dynamic, which needs none)")
+    nbits_opts = {"weight_format": weight_format, "block_size": block_size, "symmetric": not asymmetric,
+                  "accuracy_level": accuracy_level}
+    if not quantize_mode.startswith("weight-only") and \
+            (weight_format, block_size, asymmetric, accuracy_level) != ("dq", 32, False, 0):
+        fail("--weight-format, --block-size, --asymmetric and --accuracy-level apply to --quantize weight-only-int4 "
+             "and weight-only-int8 only")
+    if accuracy_level and weight_format != "matmulnbits":
+        fail("--accuracy-level applies to --weight-format matmulnbits (the dq form's precision is onnxruntime's "
+             "session.qdq_matmulnbits_accuracy_level)")
+    if not keep_io_types and precision == "none":
+        fail("--no-keep-io-types applies to --precision fp16|bf16 only (give --precision, or drop the flag)")
     if _is_console_script():
         # compile() pauses the cyclic collector (ir/_gc.py); re-enabling it would make its first
         # collection walk every object of both models (~45 ms at 10k nodes) just before the
@@ -183,7 +237,10 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
                          verify=not no_verify, atol=atol, dim_sizes=dim_sizes, prune=prune,
                          quantize=quantize_mode, calibration=calibration, calib_method=calib_method,
                          exclude=list(exclude) or None,
-                         quantize_options={"upgrade_opset": upgrade_opset, "progress": not quiet})
+                         quantize_options={"upgrade_opset": upgrade_opset, "progress": not quiet,
+                                           **(nbits_opts if quantize_mode.startswith("weight-only") else {})},
+                         fold_initializer_inputs=True if fold_initializer_inputs else None,
+                         precision=precision, precision_options={"keep_io_types": keep_io_types})
     except torch_errors as e:
         fail(f"--torch {torch_spec}: {e}")
     except ModelLoadError as e:
@@ -201,10 +258,16 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
         fail(f"{label}: {e} (no output written; fix the rule, or pass --no-verify to write it anyway)")
     except InvalidOutputError as e:
         fail(f"{label}: {e}")
+    except _calibration_data_error() as e:  # the message starts with the data file or folder
+        used_by = "--prune" if prune_calibration and str(e).startswith(str(prune_calibration)) else \
+            (f"--quantize {quantize_mode}" if quantize_mode != "none" else f"--precision {precision}")
+        fail(f"{label}: {used_by}: {e}")
     except _prune_errors() as e:
         fail(f"{label}: --prune: {e}")
     except _quantize_errors() as e:
         fail(f"{label}: --quantize {quantize_mode}: {e}")
+    except _precision_error() as e:
+        fail(f"{label}: --precision {precision}: {e}")
     except (CompileError, IRError) as e:
         fail(f"{label}: {e}")
     except SystemExit as e:  # sys.exit() in a rule's code: not a successful compile
@@ -218,10 +281,15 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
                  f"or leave it out)")
         fail(f"{label}: internal error {type(e).__name__}: {e} (rerun with GRAFT_DEBUG=1 for the traceback "
              f"and report it)")
+    from graft.ir.onnx_io import exit_on_signals
+
     try:
-        result._save_as_checked(out)  # the bytes onnx.checker checked: no second serialization
+        with exit_on_signals():  # SIGTERM/SIGHUP mid-write: exit 128+signum, no temporary file left
+            result._save_as_checked(out)  # the bytes onnx.checker checked: no second serialization
     except OSError as e:
         fail(f"{output}: cannot write ({e.strerror or e}); check the directory exists and is writable")
+    except ValueError as e:  # graft.ir.torch_artifact.ArtifactError: a module neither torch file format holds
+        fail(f"{output}: {e}; nothing written (compile to ONNX instead)")
     try:
         if not quiet:
             from graft.compiler.driver.report import render
@@ -229,6 +297,8 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
             render(result)
             if result.quantization is not None:
                 click.echo(result.quantization.summary())
+            if result.precision is not None:
+                click.echo(result.precision.summary())
             click.echo(f"wrote {output}")
         else:
             from graft.compiler.driver.report import warnings
@@ -289,12 +359,12 @@ def _is_console_script() -> bool:
     import os
     import sys
 
-    from graft.compiler.driver import cli
-
     entry = sys.modules.get("__main__")
+    ctx = click.get_current_context(silent=True)
+    group = ctx.find_root().command if ctx is not None else None  # the CLI's `main` when run through it
     # the generated script is a file named graft that imports main; `python -c "...main()"` and
     # programs that call main() themselves expect it to return (or raise SystemExit)
-    if getattr(entry, "main", None) is not cli.main or \
+    if group is None or getattr(entry, "main", None) is not group or \
             os.path.basename(getattr(entry, "__file__", None) or "").removesuffix(".exe") != "graft":
         return False
     # a closed stream (`graft ... >&-`) is None in both places: return normally then

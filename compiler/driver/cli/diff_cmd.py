@@ -5,12 +5,11 @@ import json
 
 import click
 
-from graft.compiler.driver.cli import main
 from graft.compiler.driver.cli._errors import fail, parse_dims
 from graft.compiler.driver.cli._model_path import console, load_proto_arg
 
 
-@main.command("diff")
+@click.command("diff")
 @click.argument("model_a", metavar="A")
 @click.argument("model_b", metavar="B")
 @click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON (schema graft.diff/1).")

@@ -5,7 +5,6 @@ import difflib
 
 import click
 
-from graft.compiler.driver.cli import main
 from graft.compiler.driver.cli._errors import fail
 from graft.compiler.driver.cli._model_path import console, resolve_model_arg
 
@@ -94,7 +93,7 @@ def _named_nodes(m) -> str:
     return "\n".join(named) or "\n".join(_node_text(n) for n in m.nodes)
 
 
-@main.command("explain")
+@click.command("explain")
 @click.argument("rule_name", metavar="RULE")
 @click.argument("model", metavar="MODEL")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
@@ -118,7 +117,7 @@ def explain_cmd(rule_name: str, model: str, rules_file: str | None, max_items: i
     rule = find_rule(rule_name, rules_file)
     path = resolve_model_arg(model)
     try:
-        graph = ir.load(path)
+        graph = ir.load(path, fold_initializer_inputs=None)  # as `graft compile` reads an IR < 4 model
     except ir.ModelLoadError as e:
         if "topologically sorted" in str(e):  # say "cycle" when it is one, as `graft compile` does
             from graft.compiler.driver.api import check_file

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from graft.compiler.driver.cli import main
 from graft.compiler.driver.cli._errors import fail
 
 
@@ -24,7 +23,7 @@ def _table(rows: list[tuple[str, str, str]]) -> list[str]:
     return [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
 
 
-@main.command("rules")
+@click.command("rules")
 @click.option("--rules", "rule_files", multiple=True, metavar="FILE",
               help="Also list the rules of a user rule file (repeatable).")
 def rules_cmd(rule_files: tuple[str, ...]) -> None:

@@ -185,13 +185,23 @@ class CalibrationData:
         """Feeds from an ``.npz`` file (layout in the module docstring).
 
         Raises:
-            CalibrationDataError: missing file, or keys that match no model input.
+            CalibrationDataError: missing file, a file that is not a readable ``.npz`` (truncated,
+                another format, object arrays that need pickle), or keys that match no model input.
         """
         path = Path(path)
         if not path.is_file():
             raise CalibrationDataError(f"{path}: no such calibration file")
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        key = None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if not hasattr(z, "files"):  # np.load read a single .npy array, not an archive
+                    raise ValueError("it holds one .npy array, not an .npz archive")
+                arrays = {}
+                for key in z.files:
+                    arrays[key] = z[key]
+        except Exception as e:  # noqa: BLE001 — zipfile, zlib, numpy and OS errors by numpy version
+            raise CalibrationDataError(f"{path}: {_unreadable(e, key)} (write it with np.savez and numeric "
+                                       f"arrays)") from None
         return cls._from_arrays(arrays, str(path), model, batch_size)
 
     @classmethod
@@ -219,7 +229,15 @@ class CalibrationData:
                         break
                 else:
                     key = f"{names[0]}/{stem}" if len(names) == 1 else stem
-            arrays[key] = np.load(f, allow_pickle=False)
+            try:
+                arrays[key] = np.load(f, allow_pickle=False)
+            except Exception as e:  # noqa: BLE001 — numpy and OS errors by numpy version
+                raise CalibrationDataError(f"{f}: {_unreadable(e, None)} (write it with np.save and a numeric "
+                                           f"array)") from None
+            if not isinstance(arrays[key], np.ndarray):  # np.load of a zip archive named .npy
+                arrays[key].close()
+                raise CalibrationDataError(f"{f}: is an .npz archive, not an .npy array (rename it .npz and "
+                                           f"pass it as --calibration FILE.npz)")
         return cls._from_arrays(arrays, str(path), model, batch_size)
 
     @classmethod
@@ -293,6 +311,15 @@ class CalibrationData:
 
         data = cls(gen, f"random (seed {seed}, smoke test only)", synthetic=True, length=n)
         return data.bind(model)
+
+
+def _unreadable(e: Exception, member: str | None) -> str:
+    """Why numpy could not read a calibration file, in one line."""
+    what = f"array {member!r} cannot be read" if member is not None else "not a readable numpy file"
+    msg = " ".join(str(e).split())
+    if "pickle" in msg:  # object arrays, or bytes numpy took for a pickle: never unpickled (arbitrary code)
+        msg = "holds pickled (object) data or is not a numpy file at all, and pickles are not loaded"
+    return f"{what}: {msg or type(e).__name__}"
 
 
 def _natural_key(s: str):

@@ -20,9 +20,6 @@ from graft.compiler.techniques.calibration.data import CalibrationData, as_calib
 from graft.compiler.techniques.calibration.observers import Observer
 from graft.compiler.techniques.calibration.table import CalibrationTable
 
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
-
-
 @dataclass(frozen=True)
 class Request:
     """What to keep for one tensor: a histogram, per-channel max |x| along ``channel_axis``,
@@ -67,7 +64,7 @@ def instrumented_proto(model: ir.Model, names: Iterable[str]) -> tuple[onnx.Mode
     exposed = []
     for name in dict.fromkeys(names):
         v = values.get(name)
-        if v is None or v.dtype not in FLOAT_TYPES:
+        if v is None or v.dtype is None or not v.dtype.is_float:
             continue
         exposed.append(name)
         if name in existing:

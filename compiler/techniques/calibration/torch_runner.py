@@ -20,14 +20,14 @@ class TorchRunner:
     def __init__(self, model: ir.Model, tensors):
         import torch
 
-        from graft.compiler.techniques.calibration.ort_runner import FLOAT_TYPES
-
         copy = ir.from_onnx(ir.to_onnx(model))
         values = {v.name: v for v in copy.graph.inputs}
         for n in copy.graph:
             for o in n.outputs:
                 values[o.name] = o
-        self.exposed = [t for t in dict.fromkeys(tensors) if t in values and values[t].dtype in FLOAT_TYPES]
+        # float tensors only, as the onnxruntime runner exposes (ort_runner.instrumented_proto)
+        self.exposed = [t for t in dict.fromkeys(tensors)
+                        if t in values and values[t].dtype is not None and values[t].dtype.is_float]
         outs = list(copy.graph.outputs)
         self._n_orig = len(outs)
         copy.graph.set_outputs(outs + [values[t] for t in self.exposed])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graft.compiler.engine.passes import FunctionPass, Pipeline, RewritePass
+from graft.compiler.techniques.pruning.config_updates import transformer_config_updates
 from graft.compiler.techniques.pruning.dependency import Analysis, analyze
 from graft.compiler.techniques.pruning.macs import layer_costs, total_params
 from graft.compiler.techniques.pruning.plan import build
@@ -108,8 +109,6 @@ def attach_report(result, model: Model, torch_module=None) -> None:
     result.prune = report
     cfg = getattr(torch_module, "config", None)
     if report is not None and cfg is not None:
-        from graft.compiler.techniques.pruning.torch_path import transformer_config_updates
-
         report.config_updates = transformer_config_updates(report, cfg)
 
 

@@ -28,27 +28,16 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from graft.compiler.techniques.pruning.layout import Classes, Layout, Leak, Member, NodeEdit, Source
+from graft.compiler.techniques.pruning import ops
+from graft.compiler.techniques.pruning.analyzer import Analyzer, node_label
+from graft.compiler.techniques.pruning.layout import Classes, Leak, Member, NodeEdit, Source
+from graft.compiler.techniques.pruning.ops_shape import rectangularize
 from graft.compiler.techniques.pruning.shapes import static_shapes
-from graft.ir import Model, Node, Value
+from graft.ir import Model, Node, Value, outer_scope_values
 
 
 class AnalysisError(ValueError):
     """The model cannot be analyzed at all (names what and why)."""
-
-
-@dataclass
-class Origin:
-    """A value that is a constant seen through broadcasting ops (Expand of a class token).
-
-    Slicing it means slicing constant input ``input`` of ``node``; ``axis_map[i]`` is the
-    constant's axis behind the value's axis ``i`` (None: a broadcast axis).
-    """
-
-    node: Node
-    input: int
-    axis_map: tuple
-    array: np.ndarray
 
 
 @dataclass
@@ -127,145 +116,54 @@ class Analysis:
         return [g for g in self.groups if g.prunable]
 
 
-class Analyzer:
-    """The walk's state. Op handlers (:mod:`graft.compiler.techniques.pruning.ops`) read and extend it."""
+# --------------------------------------------------------------------------- the walk
+def _walk(an: Analyzer) -> None:
+    """One forward pass over the main graph in topological order: each op's handler maps its inputs'
+    layouts to its outputs'; an op no handler understands blocks the channels it reads."""
+    graph = an.model.graph
+    for node in graph:
+        if node.domain not in ("", "ai.onnx"):
+            if any(an.layout(v) is not None for v in node.inputs):
+                an.block_inputs(node, f"{node_label(node)} is a {node.domain}::{node.op_type} op, which the "
+                                      f"channel analysis does not know")
+            continue
+        if any(True for _ in node.subgraphs()):
+            an.block_inputs(node, f"{node_label(node)} has subgraphs")
+            _block_outer_reads(an, node)
+            continue
+        has_layout = any(an.layout(v) is not None for v in node.inputs)
+        handler = ops.HANDLERS.get(node.op_type)
+        if handler is None:
+            if has_layout:
+                an.block_inputs(node, f"{node_label(node)} ({node.op_type}) is not understood by the channel "
+                                      f"analysis, so the channels it reads must stay")
+            continue
+        if not has_layout:
+            if node.op_type in ops.SOURCES or (node.op_type in ops.ORIGIN_OPS and
+                                               an.origin_of(node, 0) is not None):
+                handler(an, node)
+            continue
+        if any(o.name and an.shapes.get(o) is None for o in node.outputs[:1]):
+            an.block_inputs(node, f"the output shape of {node_label(node)} is unknown (give the model static "
+                                  f"shapes or --dim sizes)")
+            continue
+        handler(an, node)
+    for v in graph.outputs:
+        lay = an.layout(v)
+        if lay is not None:
+            an.cls.block(lay.atoms, f"its channels reach graph output {v.name!r}, whose shape must not change")
+    for atoms in an.rectangular:  # before the target checks, which compare class structure
+        rectangularize(an, atoms)
+    for check in an.deferred:
+        check()
 
-    def __init__(self, model: Model, shapes: dict[Value, tuple]):
-        self.model = model
-        self.shapes = shapes
-        self.cls = Classes()
-        self.layouts: dict[Value, Layout] = {}
-        self.origins: dict[Value, Origin] = {}
-        self.edits: dict[Node, NodeEdit] = {}
-        self.sources: list[Source] = []
-        self.leaks: list[Leak] = []
-        self.deferred: list = []
-        self.rectangular: list = []  # split blocks (heads) to make rectangular after the walk
-        # (atoms, where): what each tensor carries; each must keep at least one position, or the tensor would
-        # have a zero-sized channel axis (a Split output, a Slice result, a conv feeding part of a Concat)
-        self.nonempty: list[tuple[np.ndarray, str]] = []
-        self._nonempty_seen: set[int] = set()
-        self.conv_groups: list[np.ndarray] = []  # input channels of grouped Convs (a class = a conv group)
 
-    # -- queries ------------------------------------------------------------
-    def shape(self, v: Value | None) -> tuple | None:
-        return None if v is None else self.shapes.get(v)
-
-    def layout(self, v: Value | None) -> Layout | None:
-        return None if v is None else self.layouts.get(v)
-
-    def origin_of(self, node: Node, i: int) -> Origin | None:
-        v = node.inputs[i] if i < len(node.inputs) else None
-        if v is None:
-            return None
-        arr = v.constant()
-        if arr is not None:
-            return Origin(node, i, tuple(range(arr.ndim)), arr)
-        return self.origins.get(v)
-
-    # -- recording ----------------------------------------------------------
-    def set_layout(self, v: Value, lay: Layout) -> None:
-        shape = self.shapes.get(v)
-        if shape is None or any(shape[a] != d for a, d in zip(lay.axes, lay.atoms.shape)) \
-                or len(lay.axes) != lay.atoms.ndim or (lay.axes and max(lay.axes) >= len(shape)):
-            self.cls.block(lay.atoms, f"the shape of {v.name!r} is not known statically, so its channels "
-                                      f"cannot be followed")
-            return
-        self.layouts[v] = lay
-        # every tensor must keep a position along its carried axes: a conv whose outputs are only part of a
-        # group (concatenated, then added to a residual), a Split output, a Slice result
-        if id(lay.atoms) not in self._nonempty_seen:
-            self._nonempty_seen.add(id(lay.atoms))
-            self.nonempty.append((lay.atoms, f"output {v.name!r} of {node_label(v.producer)}" if v.producer is not None
-                                  else repr(v.name)))
-
-    def edit(self, node: Node, kind: str) -> NodeEdit:
-        e = self.edits.get(node)
-        if e is None:
-            e = self.edits[node] = NodeEdit(node, kind)
-        return e
-
-    def member(self, node: Node, input: int, atoms: np.ndarray, axis_map: tuple, role: str,
-               kind: str | None = None) -> None:
-        if all(a is None for a in axis_map):
-            return
-        self.edit(node, kind or _edit_kind(node)).members.append(Member(node, input, atoms, tuple(axis_map), role))
-
-    def source(self, node: Node, atoms: np.ndarray, kind: str) -> None:
-        self.sources.append(Source(node, atoms, kind))
-
-    def block(self, atoms, reason: str) -> None:
-        self.cls.block(atoms, reason)
-
-    def block_inputs(self, node: Node, reason: str) -> None:
-        for v in node.inputs:
-            lay = self.layout(v)
+def _block_outer_reads(an: Analyzer, node: Node) -> None:
+    for sg in node.subgraphs():
+        for v in outer_scope_values(sg):
+            lay = an.layout(v)
             if lay is not None:
-                self.cls.block(lay.atoms, reason)
-
-    # -- the walk -----------------------------------------------------------
-    def run(self) -> None:
-        from graft.compiler.techniques.pruning import ops
-
-        graph = self.model.graph
-        for node in graph:
-            if node.domain not in ("", "ai.onnx"):
-                if any(self.layout(v) is not None for v in node.inputs):
-                    self.block_inputs(node, f"{node_label(node)} is a {node.domain}::{node.op_type} op, which the "
-                                            f"channel analysis does not know")
-                continue
-            if any(True for _ in node.subgraphs()):
-                self.block_inputs(node, f"{node_label(node)} has subgraphs")
-                self._block_outer_reads(node)
-                continue
-            has_layout = any(self.layout(v) is not None for v in node.inputs)
-            handler = ops.HANDLERS.get(node.op_type)
-            if handler is None:
-                if has_layout:
-                    self.block_inputs(node, f"{node_label(node)} ({node.op_type}) is not understood by the channel "
-                                            f"analysis, so the channels it reads must stay")
-                continue
-            if not has_layout:
-                if node.op_type in ops.SOURCES or (node.op_type in ops.ORIGIN_OPS and
-                                                   self.origin_of(node, 0) is not None):
-                    handler(self, node)
-                continue
-            if any(o.name and self.shapes.get(o) is None for o in node.outputs[:1]):
-                self.block_inputs(node, f"the output shape of {node_label(node)} is unknown (give the model static "
-                                        f"shapes or --dim sizes)")
-                continue
-            handler(self, node)
-        for v in graph.outputs:
-            lay = self.layout(v)
-            if lay is not None:
-                self.cls.block(lay.atoms, f"its channels reach graph output {v.name!r}, whose shape must not change")
-        from graft.compiler.techniques.pruning.ops_shape import rectangularize
-
-        for atoms in self.rectangular:  # before the target checks, which compare class structure
-            rectangularize(self, atoms)
-        for check in self.deferred:
-            check()
-
-    def _block_outer_reads(self, node: Node) -> None:
-        from graft.ir._core import outer_scope_values
-
-        for sg in node.subgraphs():
-            for v in outer_scope_values(sg):
-                lay = self.layout(v)
-                if lay is not None:
-                    self.cls.block(lay.atoms, f"{v.name!r} is read inside a subgraph of {node_label(node)}")
-
-
-def node_label(node: Node) -> str:
-    if node.name:
-        return f"{node.op_type} node {node.name!r}"
-    return f"{node.op_type} node (output {node.outputs[0].name!r})"
-
-
-def _edit_kind(node: Node) -> str:
-    return {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul", "BatchNormalization": "norm",
-            "LayerNormalization": "norm", "InstanceNormalization": "norm", "Gather": "gather",
-            "Split": "split", "Slice": "slice", "Reshape": "reshape"}.get(node.op_type, "const")
+                an.cls.block(lay.atoms, f"{v.name!r} is read inside a subgraph of {node_label(node)}")
 
 
 # --------------------------------------------------------------------------- groups
@@ -364,7 +262,7 @@ def analyze(model: Model, dim_sizes: dict[str, int] | None = None, shapes: dict 
     if shapes is None:
         shapes = static_shapes(model, dim_sizes)
     an = Analyzer(model, shapes)
-    an.run()
+    _walk(an)
     nonempty = {}
     for atoms, where in an.nonempty:
         if atoms.size:

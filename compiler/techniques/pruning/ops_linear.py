@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from graft.compiler.techniques.pruning.dependency import Analyzer, node_label
+from graft.compiler.techniques.pruning.analyzer import Analyzer, node_label
 from graft.compiler.techniques.pruning.layout import Layout, Leak
-from graft.compiler.techniques.pruning.ops import no_padding, join
+from graft.compiler.techniques.pruning.ops_common import join, no_padding
 from graft.ir import Node
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from graft.compiler.techniques.pruning import shape_values as sv
-from graft.compiler.techniques.pruning.dependency import Analyzer, Origin, node_label
+from graft.compiler.techniques.pruning.analyzer import Analyzer, Origin, node_label
 from graft.compiler.techniques.pruning.layout import Layout
+from graft.compiler.techniques.pruning.ops_common import join, to_joint
 from graft.ir import Node
 
 
@@ -115,12 +116,6 @@ def rectangularize(an: Analyzer, atoms: np.ndarray) -> None:
             best, best_n = k, n
     for row in np.moveaxis(atoms, best, 0).reshape(atoms.shape[best], -1):
         an.cls.union_all(row)
-
-
-def to_joint(arr, labels, joint, shape):
-    from graft.compiler.techniques.pruning.ops import to_joint as tj
-
-    return tj(arr, labels, joint, shape)
 
 
 def h_reshape(an: Analyzer, node: Node) -> None:
@@ -234,8 +229,6 @@ def h_squeeze(an: Analyzer, node: Node) -> None:
 
 
 def h_concat(an: Analyzer, node: Node) -> None:
-    from graft.compiler.techniques.pruning.ops import join
-
     out = node.outputs[0]
     r = len(an.shape(out))
     axis = int(node.attrs["axis"]) % r

@@ -10,12 +10,14 @@
 - :mod:`~graft.rules.quantize_params`: scales and zero points (ONNX QuantizeLinear spec).
 - :mod:`~graft.compiler.techniques.quantization.select`: which nodes/tensors (analysis), exclusions.
 - :mod:`~graft.rules.quantize_context`: what analyses hand to the rules in ``rules/quantize_*.py``.
-- :mod:`~graft.compiler.techniques.quantization.driver`: :func:`quantize`.
+- :mod:`~graft.compiler.techniques.quantization.driver`: :func:`quantize`, the entry point.
+- :mod:`~graft.compiler.techniques.quantization.core`: quantizing in one format (what every mode but ``auto`` runs).
 - :mod:`~graft.compiler.techniques.quantization.smooth`: SmoothQuant migration factors.
 - :mod:`~graft.compiler.techniques.quantization.auto`: ``auto``: build candidates, time them, keep the fastest within budget.
 - :mod:`~graft.compiler.techniques.quantization.report`: accuracy report.
 """
-from graft.compiler.techniques.quantization.driver import QuantizeResult, load_model, prepare, quantize
+from graft.compiler.techniques.quantization.core import QuantizeResult, load_model, prepare
+from graft.compiler.techniques.quantization.driver import quantize
 from graft.compiler.techniques.quantization.modes import MODES, Mode, check_opset, parse_mode
 from graft.rules.quantize_params import QParams, QuantizationError, QuantizationWarning
 from graft.compiler.techniques.quantization.report import AccuracyReport, LayerError, OutputError, accuracy_report

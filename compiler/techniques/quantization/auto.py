@@ -126,7 +126,7 @@ def auto_quantize(model, calibration=None, *, candidates=DEFAULT_CANDIDATES, bud
     """
     from graft.compiler.techniques.calibration.data import CalibrationData, as_calibration_data
     from graft.compiler.techniques.calibration.ort_runner import run_feeds
-    from graft.compiler.techniques.quantization.driver import load_model, prepare, quantize
+    from graft.compiler.techniques.quantization.core import load_model, prepare, quantize_format
 
     metric = metric or cosine_metric
     base = load_model(model)
@@ -158,8 +158,8 @@ def auto_quantize(model, calibration=None, *, candidates=DEFAULT_CANDIDATES, bud
                 c.status = f"skipped: needs opset >= {qmode.min_opset} (model has {base.opset})"
                 continue
         try:
-            res = quantize(base, name, calibration, exclude=exclude, calib_method=calib_method, report=False,
-                           progress=progress, **kw)
+            res = quantize_format(base, name, calibration, exclude=exclude, calib_method=calib_method,
+                                  report=False, progress=progress, **kw)
         except QuantizationError as e:
             c.status = f"failed: {e}"
             continue

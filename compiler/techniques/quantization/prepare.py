@@ -18,7 +18,11 @@ def symbolic_shapes(model: ir.Model) -> dict[str, tuple]:
     ``model.meta["graft.symbolic_shapes_error"]``); Reshape specs then stay computed.
     """
     SymbolicShapeInference = _symbolic_shape_inference()
-    proto = ir.to_onnx(model)
+    from graft.ir.shapes import STRIP_BYTES
+
+    # weights become typed inputs without data: shapes need only their types, and a copy of every
+    # weight is what made quantizing a large model hold it twice (issue 11)
+    proto = ir.to_onnx(model, stub_initializers_over=STRIP_BYTES)
     try:
         out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
     except Exception as e:  # the tool raises bare Exceptions (even AssertionError) on graphs it cannot handle
