@@ -17,6 +17,14 @@ Integer-Arithmetic-Only Inference", §3.2, batch-norm folding):
   Output channel ``o`` is produced by ``W[o]`` alone whatever ``group`` is, so
   grouped, depthwise and 1-D/2-D/3-D convolutions fold the same way.
 
+- Conv-11 whose weight is a uniform fill ``W = ConstantOfShape(shape, value=c)``
+  (how the ONNX backend's ``light_*`` models, and exporters that write weights
+  as fills, store them): ``W * s[:, None, ...]`` is ``c * s`` broadcast over
+  ``shape``, so it stays a small constant under an Expand-8 instead of
+  growing into a dense weight::
+
+      BN(Conv(x, ConstantOfShape(shape, c), B)) = Conv(x, Expand(c * s[:, None, ...], shape), B * s + shift)
+
 - ConvTranspose-11, weight ``W`` (C_in, C_out/group, k...). Output channel
   ``o = g * (C_out/group) + j`` is produced by ``W[g*C_in/group:(g+1)*C_in/group, j]``::
 
@@ -198,6 +206,47 @@ def conv_replacement(op, m):
     return op.Conv(m[x], new_w, new_b, _name=label(m.conv), **m.conv.attrs)
 
 
+# ---------------------------------------------------------------- Conv of a uniform fill
+fill_shape = Var("fill_shape")
+conv_fill_pattern = op.BatchNormalization(
+    op.Conv(x, op.ConstantOfShape(fill_shape, name="fill"), op.optional(b), name="conv"),
+    gamma, beta, mean, var, name="bn")
+
+
+def fill_value(m) -> np.ndarray:
+    """ConstantOfShape's ``value`` (a one-element tensor; absent means float32 0.0, ConstantOfShape-9)."""
+    value = m.fill.attrs.get("value")
+    return np.zeros(1, np.float32) if value is None else value.array.reshape(-1)
+
+
+def conv_fill_check(m):
+    shape = m.const(fill_shape)
+    if shape is None:
+        return m.need_constant(fill_shape, why="the weight's shape must be known to fold BatchNormalization")
+    if shape.ndim != 1 or shape.size < 3 or np.any(shape <= 0):
+        return m.fail(f"ConstantOfShape {m.fill.name!r} makes a weight of shape {shape.tolist()}; a Conv weight "
+                      f"has rank >= 3 and positive dims", m.fill)
+    if fill_value(m).dtype.kind != "f":
+        return m.fail(f"ConstantOfShape {m.fill.name!r} fills with dtype {fill_value(m).dtype}; folding needs "
+                      f"a floating-point weight", m.fill)
+    c_out = int(shape[0])
+    return channel_bias_check(m, m.conv, c_out) or float_constants(m, m.conv, b) or bn_check(m, c_out)
+
+
+def conv_fill_replacement(op, m):
+    """BN(Conv(x, ConstantOfShape(shape, c), B)) -> Conv(x, Expand(c * s[:, None, ...], shape), B*s + shift)."""
+    s, shift = scale_shift(m)
+    c = fill_value(m)
+    shape = m.const(fill_shape)
+    scaled = (c.astype(np.float64) * s).reshape(-1, *[1] * (len(shape) - 1)).astype(c.dtype)
+    bias = new_bias(m, s, shift).astype(c.dtype)
+    name = label(m.conv)
+    weight = op.Expand(op.const(scaled, name=f"{name}_weight_scale_folded", copy=False), m[fill_shape],
+                       _name=f"{name}_weight_folded")
+    return op.Conv(m[x], weight, op.const(bias, name=f"{name}_bias_folded", copy=False), _name=name,
+                   **m.conv.attrs)
+
+
 # ---------------------------------------------------------------- ConvTranspose
 conv_transpose_pattern = op.BatchNormalization(op.ConvTranspose(x, w, op.optional(b), name="convt"),
                                                gamma, beta, mean, var, name="bn")
@@ -294,6 +343,8 @@ def matmul_replacement(op, m):
 
 
 fold_batchnorm_into_conv = Rule("fold_batchnorm_into_conv", conv_pattern, conv_replacement, check=conv_check)
+fold_batchnorm_into_conv_of_fill = Rule("fold_batchnorm_into_conv_of_fill", conv_fill_pattern, conv_fill_replacement,
+                                        check=conv_fill_check)
 fold_batchnorm_into_conv_transpose = Rule("fold_batchnorm_into_conv_transpose", conv_transpose_pattern,
                                           conv_transpose_replacement, check=conv_transpose_check)
 fold_batchnorm_into_gemm = Rule("fold_batchnorm_into_gemm", gemm_pattern, gemm_replacement, check=gemm_check)
@@ -302,5 +353,5 @@ fold_batchnorm_into_matmul_add = Rule("fold_batchnorm_into_matmul_add", matmul_a
 fold_batchnorm_into_matmul = Rule("fold_batchnorm_into_matmul", matmul_pattern, matmul_replacement,
                                   check=matmul_check)
 
-RULES = [fold_batchnorm_into_conv, fold_batchnorm_into_conv_transpose, fold_batchnorm_into_gemm,
-         fold_batchnorm_into_matmul_add, fold_batchnorm_into_matmul]
+RULES = [fold_batchnorm_into_conv, fold_batchnorm_into_conv_of_fill, fold_batchnorm_into_conv_transpose,
+         fold_batchnorm_into_gemm, fold_batchnorm_into_matmul_add, fold_batchnorm_into_matmul]

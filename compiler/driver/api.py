@@ -597,15 +597,9 @@ def unknown_dims(proto: onnx.ModelProto, dim_sizes: dict[str, int] | None) -> st
             f"_ is an unnamed dim, which cannot be sized)")
 
 
-def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src, *,
-                     full: bool = True) -> tuple[onnx.ModelProto, bytes | None]:
-    """``ir.verify`` then ``onnx.checker`` (full_check when ``full``); failures name the rules involved.
-
-    A fault the input model already has is not the compile's: it goes into ``result.notes``
-    (for full_check, the output is then held to the plain checker, as the input was).
-    Returns the output proto and its serialization (None over 2 GiB), reused to run it.
-    """
-    from graft.ir.onnx_io import PROTOBUF_LIMIT, ModelLoadError, check_proto
+def _verify_ir(model: ir.Model, result: CompileResult, ref_proto) -> None:
+    """``ir.verify`` on the output: a problem the input model did not have raises CompileError naming the
+    rules involved; one the input already had becomes a note."""
     from graft.ir.verifier import problems
 
     found = problems(model)
@@ -616,6 +610,19 @@ def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src,
             raise _invalid("fails ir.verify", "; ".join(new[:3]) + (f" (and {len(new) - 3} more)" if len(new) > 3
                                                                      else ""), model, None, result)
         result.notes.append(f"ir.verify: the input model already has {len(found)} problem(s), e.g. {found[0]}")
+
+
+def _check_structure(model: ir.Model, result: CompileResult, ref_proto, ref_src, *,
+                     full: bool = True) -> tuple[onnx.ModelProto, bytes | None]:
+    """``ir.verify`` then ``onnx.checker`` (full_check when ``full``); failures name the rules involved.
+
+    A fault the input model already has is not the compile's: it goes into ``result.notes``
+    (for full_check, the output is then held to the plain checker, as the input was).
+    Returns the output proto and its serialization (None over 2 GiB), reused to run it.
+    """
+    from graft.ir.onnx_io import PROTOBUF_LIMIT, ModelLoadError, check_proto
+
+    _verify_ir(model, result, ref_proto)
     proto = ir.to_onnx(model)
     data = None
     # constant data dominates a model's size; ByteSize() would cost as much as serializing
@@ -674,16 +681,8 @@ def _check_staged(model: ir.Model, result: CompileResult, ref_proto, ref_src, *,
     with external data (:class:`graft.compiler.driver.streaming.StagedOutput`) and ``onnx.checker``
     run on that file. Returns (the staged proto, the StagedOutput)."""
     from graft.compiler.driver.streaming import StagedOutput
-    from graft.ir.verifier import problems
 
-    found = problems(model)
-    if found:
-        before = set(problems(ir.from_onnx(ref_proto))) if ref_proto is not None else set()
-        new = [p for p in found if p not in before]
-        if new:
-            raise _invalid("fails ir.verify", "; ".join(new[:3]) + (f" (and {len(new) - 3} more)" if len(new) > 3
-                                                                     else ""), model, None, result)
-        result.notes.append(f"ir.verify: the input model already has {len(found)} problem(s), e.g. {found[0]}")
+    _verify_ir(model, result, ref_proto)
     staged = StagedOutput(model)
 
     def check(src, full_check: bool) -> str | None:

@@ -2,7 +2,7 @@
 
 The file is imported as a fresh module (never added to ``sys.modules`` under a
 name that could shadow a real package). Its rules are the module's ``RULES``
-list when it defines one, else every :class:`compiler.Rule` bound at module
+list when it defines one, else every :class:`graft.compiler.Rule` bound at module
 level, in definition order.
 """
 from __future__ import annotations
@@ -47,15 +47,31 @@ def _where(path: Path, exc: BaseException) -> str:
 _OLD_TOP = ("compiler", "ir", "rules")
 
 
+def _new_module(old: str, sub: str) -> str:
+    """Where the old module ``old + sub`` (``compiler`` + ``.pattern``) lives in the graft package:
+    ``graft.compiler``'s modules moved into its layers (``engine``, ``techniques``, ``driver``)."""
+    import importlib.util
+
+    layers = ("", ".engine", ".techniques", ".driver") if old == "compiler" else ("",)
+    for layer in layers:
+        name = f"graft.{old}{layer}{sub}"
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ImportError:  # a parent that is a module, not a package
+            continue
+    return f"graft.{old}{sub}"
+
+
 def _new_import(line: str, old: str) -> str:
     """``line`` (an import statement) rewritten to the graft package's names."""
     stmt = line.strip()
     m = re.match(rf"from\s+{old}(\.[\w.]+)?\s+import\s+(.+)", stmt)
     if m:
-        return f"from graft.{old}{m.group(1) or ''} import {m.group(2)}"
+        return f"from {_new_module(old, m.group(1) or '')} import {m.group(2)}"
     m = re.match(rf"import\s+{old}(\.[\w.]+)?(\s+as\s+\w+)?\s*$", stmt)
     if m and m.group(1):
-        return f"import graft.{old}{m.group(1)}{m.group(2) or ''}"
+        return f"import {_new_module(old, m.group(1))}{m.group(2) or ''}"
     if m:
         return f"from graft import {old}{m.group(2) or ''}"
     return {"compiler": "from graft.compiler import Rule, Var, op", "ir": "from graft import ir",
@@ -170,15 +186,15 @@ def load_rule_file(path: str | os.PathLike) -> list[Rule]:
     if hasattr(module, "RULES"):
         if isinstance(module.RULES, (Rule, str, bytes)) or not hasattr(module.RULES, "__iter__"):
             raise UserRuleFileError(f"{path}: RULES is {type(module.RULES).__name__} {module.RULES!r}; it must be a "
-                                    f"list of compiler.Rule")
+                                    f"list of graft.compiler.Rule")
         rules = list(module.RULES)
         for i, r in enumerate(rules):
             if not isinstance(r, Rule):
-                raise UserRuleFileError(f"{path}: RULES[{i}] is {type(r).__name__} {r!r}, not a compiler.Rule")
+                raise UserRuleFileError(f"{path}: RULES[{i}] is {type(r).__name__} {r!r}, not a graft.compiler.Rule")
     else:
         rules = list(dict.fromkeys(v for v in vars(module).values() if isinstance(v, Rule)))
     if not rules:
-        raise UserRuleFileError(f"{path}: defines no compiler.Rule (define rules at module level "
+        raise UserRuleFileError(f"{path}: defines no graft.compiler.Rule (define rules at module level "
                                 f"or list them in RULES)")
     return rules
 

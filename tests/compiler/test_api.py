@@ -226,7 +226,7 @@ def test_rule_file_import_error_names_file_and_line(tmp_path):
     with pytest.raises(UserRuleFileError, match=r"syntax.py:2: .*SyntaxError"):
         load_rule_file(tmp_path / "syntax.py")
     (tmp_path / "empty.py").write_text("x = 1\n")
-    with pytest.raises(UserRuleFileError, match="defines no compiler.Rule"):
+    with pytest.raises(UserRuleFileError, match="defines no graft.compiler.Rule"):
         load_rule_file(tmp_path / "empty.py")
     (tmp_path / "badlist.py").write_text("RULES = [1]\n")
     with pytest.raises(UserRuleFileError, match=r"RULES\[0\] is int"):

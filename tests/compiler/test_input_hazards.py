@@ -108,6 +108,29 @@ def test_output_may_not_be_the_torch_module(tmp_path, monkeypatch):
     assert src.read_bytes() == before
 
 
+def test_output_may_not_be_a_package_init_above_the_torch_module(tmp_path, monkeypatch):
+    """`--torch pkg.mod:make` imports pkg/__init__.py too: -o may not name it either."""
+    monkeypatch.chdir(tmp_path)
+    pkg = tmp_path / "hazard_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("# the package\n")
+    (pkg / "mod.py").write_text("import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
+    before = (pkg / "__init__.py").read_bytes()
+    one_line_error(invoke("compile", "--torch", "hazard_pkg.mod:make", "--input-shape", "1x4", "-o",
+                          pkg / "__init__.py"), "--torch module file", "__init__.py")
+    assert (pkg / "__init__.py").read_bytes() == before
+
+
+def test_output_may_not_reach_the_model_through_a_missing_folder_and_dotdot(model, tmp_path):
+    """`-o missing/../m.onnx` does not exist for the kernel until the save creates `missing`, and
+    then it is the input model."""
+    before = model.read_bytes()
+    out = f"{tmp_path}/missing/../{model.name}"
+    one_line_error(invoke("compile", model, "-o", out), "is the input model")
+    assert model.read_bytes() == before
+    assert not (tmp_path / "missing").exists()
+
+
 def test_output_data_file_may_not_be_an_input(model, tmp_path):
     """A large output writes its tensors to OUT.data: that file may not be one the command reads."""
     rules = rule_file(tmp_path, REMOVE_MUL_ONE, name="r.onnx.data")
@@ -340,6 +363,10 @@ def test_graph_input_or_output_without_a_type_is_named(tmp_path, x, y, named):
     ("import ir", "from graft import ir"),
     ("from rules.fold_batchnorm import RULES", "from graft.rules.fold_batchnorm import RULES"),
     ("import compiler.engine as eng", "import graft.compiler.engine as eng"),
+    # modules of the old compiler package moved into its layers: the hint names where they are now
+    ("from compiler.pattern import Var", "from graft.compiler.engine.pattern import Var"),
+    ("import compiler.passes as ps", "import graft.compiler.engine.passes as ps"),
+    ("from compiler.api import compile", "from graft.compiler.driver.api import compile"),
 ])
 def test_rule_file_with_the_old_import_names(model, tmp_path, monkeypatch, statement, new):
     rules = tmp_path / "old_rules.py"

@@ -53,7 +53,7 @@ def if_model() -> onnx.ModelProto:
 # --------------------------------------------------------------------------- rule files
 def test_rule_file_mistakes_are_named(tmp_path):
     cases = {
-        "RULES = 5\n": "RULES is int 5; it must be a list of compiler.Rule",
+        "RULES = 5\n": "RULES is int 5; it must be a list of graft.compiler.Rule",
         "import sys\nsys.exit(3)\n": "called sys.exit(3) while being imported",
     }
     for i, (body, needle) in enumerate(cases.items()):

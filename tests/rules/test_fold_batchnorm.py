@@ -343,8 +343,8 @@ def test_refuses_spatial_zero():
 def test_rules_are_indexed_on_batchnorm():
     assert {r.root_key for r in RULES} == {("", "BatchNormalization")}
     assert [r.name for r in RULES] == [
-        fold_batchnorm_into_conv.name, fold_batchnorm_into_conv_transpose.name, fold_batchnorm_into_gemm.name,
-        fold_batchnorm_into_matmul_add.name, fold_batchnorm_into_matmul.name]
+        fold_batchnorm_into_conv.name, "fold_batchnorm_into_conv_of_fill", fold_batchnorm_into_conv_transpose.name,
+        fold_batchnorm_into_gemm.name, fold_batchnorm_into_matmul_add.name, fold_batchnorm_into_matmul.name]
 
 
 # ---------------------------------------------------------------- real model
@@ -366,3 +366,36 @@ def test_ppocr_cls_all_batchnorms_fold(ppocr_cls_path):
     x = np.random.default_rng(0).standard_normal((1, 3, 48, 192)).astype(np.float32)
     res = assert_same_outputs(proto, out, atol=1e-4, feeds={"x": x})
     assert [r.shape for r in res] == [(1, 2), (1, 2), (1, 8, 24, 96), (1, 200, 2, 96)]
+
+
+# ------------------------------------------------------------- Conv whose weight is a uniform fill
+FILL_CONV = """
+agraph (float[N, 3, 8, 8] x) => (float[N, 4, 6, 6] y) {
+    w = ConstantOfShape <value = float[1] {0.25}> (wshape)
+    c = Conv (x, w, bias)
+    y = BatchNormalization (c, gamma, beta, mean, var)
+}
+"""
+
+
+def test_bn_folds_into_a_conv_whose_weight_is_a_fill_and_stays_small():
+    """BN(Conv(x, ConstantOfShape(shape, c), B)) = Conv(x, Expand(c * s[:, None, None, None], shape), B*s + shift):
+    the folded weight is a (4, 1, 1, 1) constant under an Expand, not a dense (4, 3, 3, 3) tensor."""
+    rng = np.random.default_rng(3)
+    src = build(FILL_CONV, wshape=np.array([4, 3, 3, 3], np.int64), bias=rng.normal(size=4).astype(np.float32),
+                **bn_stats(rng, 4))
+    out, result, _ = fold(src)
+    assert result.counts == {"fold_batchnorm_into_conv_of_fill": 1}
+    assert op_counts(out) == Counter({"Expand": 1, "Conv": 1})
+    scale = next(t for t in out.graph.initializer if t.name.endswith("_weight_scale_folded"))
+    assert list(scale.dims) == [4, 1, 1, 1]
+    assert_same_outputs(src, out, atol=1e-5, feeds={"x": rng.normal(size=(2, 3, 8, 8)).astype(np.float32)})
+
+
+def test_bn_does_not_fold_into_a_fill_of_run_time_shape():
+    src = onnx.parser.parse_model(HEADER.format(opset=17) + FILL_CONV.replace(
+        "(float[N, 3, 8, 8] x)", "(float[N, 3, 8, 8] x, int64[4] wshape)"))
+    rng = np.random.default_rng(4)
+    src = with_initializers(src, bias=rng.normal(size=4).astype(np.float32), **bn_stats(rng, 4))
+    reason = nearest_reason(src, RULES[1])
+    assert "fill_shape 'wshape'" in reason and "not a constant" in reason

@@ -76,11 +76,13 @@ def _where(exc: BaseException) -> str:
     return f"{last.filename}:{last.lineno}: "
 
 
-def factory_file(spec: str) -> str | None:
-    """The source file of the module ``package.module:factory`` names (imported already by
-    :func:`load_factory`), or None (a namespace package, a built-in)."""
-    mod = sys.modules.get(spec.partition(":")[0])
-    return getattr(mod, "__file__", None)
+def factory_files(spec: str) -> list[str]:
+    """The source files of the module ``package.module:factory`` names and of the packages
+    above it (``package/__init__.py``: imported too), all imported already by
+    :func:`load_factory`; namespace packages and built-ins have none."""
+    parts = spec.partition(":")[0].split(".")
+    files = (getattr(sys.modules.get(".".join(parts[:i])), "__file__", None) for i in range(len(parts), 0, -1))
+    return [f for f in files if f]
 
 
 def torch_model(spec: str, input_shapes: tuple[str, ...], fn=None):

@@ -175,11 +175,10 @@ def compile_cmd(model: str | None, output: str, torch_spec: str | None, input_sh
     if torch_spec:
         if model:
             fail(f"give either IN ({model}) or --torch {torch_spec}, not both")
-        from graft.compiler.driver.cli._torch_input import factory_file, load_factory, torch_model
+        from graft.compiler.driver.cli._torch_input import factory_files, load_factory, torch_model
 
         factory = load_factory(torch_spec)
-        module_file = factory_file(torch_spec)
-        check_output_path(output, None, reads + ([("--torch module", module_file)] if module_file else []))
+        check_output_path(output, None, reads + [("--torch module", f) for f in factory_files(torch_spec)])
         model, example_inputs = torch_model(torch_spec, input_shapes, factory)
         label = torch_spec
     else:
