@@ -273,7 +273,16 @@ def _convert_replacement(op, m):
     return tuple(result) if len(result) > 1 else result[0]
 
 
-convert_precision = Rule("convert_precision", op.any_op(name="node"), _convert_replacement, check=_convert_check,
+def _may_convert(node: Node) -> bool:
+    """True for a node of a model with a precision plan, or one a precision pass already decided on.
+
+    The pattern matches any op, so this runs at every node of every pass: two dict reads, and
+    the check then says why (kept in float32 and the reason, or not in the plan)."""
+    return PRECISION_META in node.meta or plan_of(_model(node)) is not None
+
+
+convert_precision = Rule("convert_precision", op.any_op(name="node", where=_may_convert), _convert_replacement,
+                         check=_convert_check,
                          doc="Run a planned float32 node in float16/bfloat16, Casts only at precision boundaries")
 
 

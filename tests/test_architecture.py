@@ -172,6 +172,8 @@ def layer_of(module: str) -> str:
             return layer
     if module == "graft.compiler":
         return "compiler"
+    if module == "graft.__main__":  # `python -m graft`: the CLI, so the driver layer
+        return "driver"
     if module == "graft":
         return "graft"
     return "other"

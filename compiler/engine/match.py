@@ -28,6 +28,16 @@ class Miss:
         return f"Miss({self.reason!r})"
 
 
+def _predicate(fn) -> str:
+    """`` (name: first docstring line)`` of a node predicate, so a miss says what the rule wanted."""
+    name = getattr(fn, "__name__", "")
+    doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
+    if name == "<lambda>":
+        name = ""
+    text = ": ".join(s for s in (name, doc[0].rstrip(".") if doc else "") if s)
+    return f" ({text})" if text else ""
+
+
 def _describe(node: Node) -> str:
     return f"{node.op_type} {node.name!r}" if node.name else f"{node.op_type} (output {node.outputs[0].name!r})"
 
@@ -88,7 +98,8 @@ class Matcher:
             where = self._lone_where
             if where is not None and not where(node):
                 if self._track:
-                    self._miss(f"{_describe(node)} fails the pattern's node predicate", node, {"__nodes__": ()})
+                    self._miss(f"{_describe(node)} fails the pattern's node predicate{_predicate(where)}", node,
+                               {"__nodes__": ()})
                 return None
             b = {"__nodes__": (node,), "__roots__": (node,)}
             name = self.roots[0].name
@@ -176,7 +187,7 @@ class Matcher:
                 return False
         elif getattr(pn, "node_where", None) is not None and not pn.node_where(node):
             if self._track:
-                self._miss(f"{_describe(node)} fails the pattern's node predicate", node, b)
+                self._miss(f"{_describe(node)} fails the pattern's node predicate{_predicate(pn.node_where)}", node, b)
             return False
         if pn.name is not None:
             prev = b.get(pn.name)

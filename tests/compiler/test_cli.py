@@ -262,3 +262,13 @@ def test_internal_errors_are_one_line_too(tmp_path, small_path, monkeypatch):
     assert r.exit_code == 1 and not (tmp_path / "o.onnx").exists()
     assert r.stderr.count("\n") == 1
     assert "internal error AttributeError" in r.stderr and "GRAFT_DEBUG=1" in r.stderr
+
+
+def test_python_dash_m_graft_is_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "graft", "rules"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "fold_batchnorm_into_conv" in r.stdout and "optimize" in r.stdout

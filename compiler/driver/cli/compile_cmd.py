@@ -87,7 +87,7 @@ def _quantize_errors() -> tuple:
 @click.option("--pipeline", default="optimize", show_default=True,
               help="Named pipeline (see `graft rules`); 'none' runs only --rules.")
 @click.option("--rules", "rule_files", multiple=True, metavar="FILE",
-              help="Python file of compiler.Rule objects (or a RULES list), run after the pipeline (repeatable).")
+              help="Python file of graft.compiler.Rule objects (or a RULES list), run after the pipeline (repeatable).")
 @click.option("--no-verify", is_flag=True,
               help="Skip the numeric comparison with the input model (structural checks still run: "
                    "ir.verify and onnx.checker, without full_check's strict shape inference).")

@@ -97,7 +97,7 @@ def _named_nodes(m) -> str:
 @click.argument("rule_name", metavar="RULE")
 @click.argument("model", metavar="MODEL")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
-              help="Python file defining compiler.Rule objects (module level or in RULES).")
+              help="Python file defining graft.compiler.Rule objects (module level or in RULES).")
 @click.option("--max", "max_items", default=10, show_default=True, type=click.IntRange(min=1),
               help="Rows shown per section (matches, misses).")
 def explain_cmd(rule_name: str, model: str, rules_file: str | None, max_items: int) -> None:
