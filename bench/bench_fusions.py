@@ -95,8 +95,8 @@ def max_abs(ref: list, got: list) -> float:
     return max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ref, got))
 
 
-def timed(sessions: dict, feeds, runs: int, warmup: int = 5) -> dict[str, float]:
-    """Median ms per candidate, runs interleaved."""
+def run_times(sessions: dict, feeds, runs: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Seconds per run of each candidate, ``runs`` rounds interleaved across candidates."""
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, feeds)
@@ -106,7 +106,12 @@ def timed(sessions: dict, feeds, runs: int, warmup: int = 5) -> dict[str, float]
             t0 = time.perf_counter()
             s.run(None, feeds)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return times
+
+
+def timed(sessions: dict, feeds, runs: int, warmup: int = 5) -> dict[str, float]:
+    """Median ms per candidate, runs interleaved."""
+    return {k: statistics.median(v) * 1e3 for k, v in run_times(sessions, feeds, runs, warmup).items()}
 
 
 # --------------------------------------------------------------------------- one model
@@ -200,15 +205,7 @@ def minilm(runs: int, work: Path, threads: int = 1, seq: int = 128) -> None:
     feeds = {"input_ids": rng.integers(0, 30000, (1, seq)).astype(np.int64),
              "attention_mask": np.ones((1, seq), np.int64)}
     sessions = {k: session(p, threads) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, feeds)
-    times = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[k].append(time.perf_counter() - t0)
+    times = run_times(sessions, feeds, runs, warmup=10)
     print(f"\n### all-MiniLM-L6-v2, seq {seq}, batch 1, {threads} thread(s), median of {runs} interleaved runs\n")
     print("| model | median ms | p25–p75 ms | × input |")
     print("|---|---|---|---|")
