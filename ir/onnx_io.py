@@ -724,26 +724,33 @@ def _check_size(path: Path, t: onnx.TensorProto, info: dict, got: int) -> None:
 
 
 def untyped_values(proto: onnx.ModelProto) -> list[str]:
-    """``graph input 'x'`` / ``graph output 'y'`` for each main-graph input or output without a
-    type, or a tensor type without an element type (ONNX requires both; onnx.checker's own
-    message names none of them)."""
-    def untyped(vi) -> bool:
+    """``graph input 'x' has no type`` / ``graph output 'y' has no shape`` … for each main-graph
+    input or output without a type, a tensor type without an element type, or a tensor type
+    without a shape field (ONNX requires all three; onnx.checker's own message names none of them)."""
+    def missing(vi) -> str | None:
         kind = vi.type.WhichOneof("value") if vi.HasField("type") else None
-        return kind is None or (kind == "tensor_type" and not vi.type.tensor_type.elem_type)
+        if kind is None:
+            return "no type"
+        if kind == "tensor_type":
+            if not vi.type.tensor_type.elem_type:
+                return "no element type"
+            if not vi.type.tensor_type.HasField("shape"):
+                return "no shape"
+        return None
 
     g = proto.graph
-    return [f"graph {kind} {vi.name!r}" for kind, vis in (("input", g.input), ("output", g.output))
-            for vi in vis if untyped(vi)]
+    return [f"graph {kind} {vi.name!r} has {what}" for kind, vis in (("input", g.input), ("output", g.output))
+            for vi in vis if (what := missing(vi)) is not None]
 
 
 def check_typed(proto: onnx.ModelProto, where: str) -> None:
-    """Raise ModelLoadError naming the first main-graph input or output without a type (see
-    :func:`untyped_values`), before onnx.checker reports it without a name."""
+    """Raise ModelLoadError naming the first main-graph input or output without a type, an element
+    type or a shape (see :func:`untyped_values`), before onnx.checker reports it without a name."""
     untyped = untyped_values(proto)
     if untyped:
-        raise ModelLoadError(f"{where}: {untyped[0]} has no type (ONNX requires an element type on every graph "
-                             f"input and output; set it, e.g. with onnx.helper.make_tensor_value_info, or "
-                             f"re-export the model)")
+        raise ModelLoadError(f"{where}: {untyped[0]} (ONNX requires an element type and a shape — its dims may "
+                             f"be symbolic or unknown — on every graph input and output; set them, e.g. with "
+                             f"onnx.helper.make_tensor_value_info, or re-export the model)")
 
 
 def has_lazy_tensors(proto: onnx.ModelProto) -> bool:

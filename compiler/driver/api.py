@@ -151,9 +151,12 @@ class CompileResult:
             the :class:`graft.ir.torch_artifact.SaveReport` for a ``torch`` target, else None.
 
         Raises:
-            CompileError: there is no output to save.
+            CompileError: there is no output to save, or ``path`` is the input model's file.
             graft.ir.torch_artifact.ArtifactError: the module holds a node no artifact format can name.
         """
+        if os.path.exists(path) and os.path.exists(self.source) and os.path.samefile(path, self.source):
+            raise CompileError(f"{path}: is the input model this result was compiled from; save to another path "
+                               f"(the input is left as it is)")
         if self.module is not None and self.proto is None:
             from graft.ir.torch_artifact import example_inputs, save
 
@@ -328,7 +331,7 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
         pipeline: a registered pipeline name (``optimize``, ``cleanup``, ``none``), a
             :class:`Pipeline`, or None for no pipeline.
         target: ``"onnx"`` (a ModelProto) or ``"torch"`` (a ``torch.fx.GraphModule``).
-        rules: user rules (a RuleSet, a list of Rule, or the path of a rule file), run as their own
+        rules: user rules (a RuleSet, a Rule, or a list of Rules and rule-file paths), run as their own
             pass after the pipeline. A rule may not take the name of another rule of the pipeline.
         verify: run both models in onnxruntime and compare outputs. Structural checks run always:
             ``ir.verify`` and ``onnx.checker``, with full_check (strict shape inference on the output)
@@ -400,9 +403,12 @@ def compile(model_or_path, example_inputs=None, pipeline: str | Pipeline | None 
             raise ValueError(f"{tol_name} must be a number >= 0, got {tol!r}")
     check_dim_sizes(dim_sizes)
     if isinstance(rules, (str, os.PathLike)):  # a rule file, as `graft compile --rules FILE` takes it
+        rules = [rules]
+    if isinstance(rules, (list, tuple)) and any(isinstance(r, (str, os.PathLike)) for r in rules):
         from graft.compiler.driver.user_rules import load_rule_file
 
-        rules = load_rule_file(rules)
+        rules = [r for item in rules
+                 for r in (load_rule_file(item) if isinstance(item, (str, os.PathLike)) else [item])]
     from graft.rules.pipelines import with_user_rules
 
     t_start = time.perf_counter()

@@ -332,3 +332,42 @@ def test_bfloat16_torch_model_is_verified_at_its_own_precision():
     # a few bf16 roundoffs (2^-8) at the outputs' magnitude, not the fp32 atol
     assert 1e-4 < r.verification.atol < 0.2
     assert r.verification.outputs[0].max_abs <= r.verification.atol
+
+
+
+DIV_MODEL = """
+<ir_version: 10, opset_import: ["" : 17]>
+agraph (float[2, 3] x) => (float[2, 3] y) {
+    c = Constant <value = float[1] {4.0}> ()
+    y = Div (x, c)
+}
+"""
+
+
+def test_rules_may_be_given_as_rule_file_paths_mixed_with_rules():
+    from pathlib import Path
+
+    from conftest import parse_model
+    from graft.compiler import Rule, Var, op
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "custom_rule.py"
+    x = Var("x")
+    neg_neg = Rule("neg_neg", op.Neg(op.Neg(x)), lambda op, m: op.Identity(m[x]))
+    res = compile(parse_model(DIV_MODEL), pipeline="none", rules=[str(example), neg_neg])
+    assert res.counts["div_to_mul"] == 1
+    assert [n.op_type for n in res.proto.graph.node] == ["Mul"]
+    assert res.verification.status == "passed"
+
+
+def test_save_refuses_to_overwrite_the_input_model(tmp_path, ppocr_cls_path):
+    import shutil
+
+    src = tmp_path / "cls.onnx"
+    shutil.copy(ppocr_cls_path, src)
+    before = src.read_bytes()
+    res = compile(str(src), pipeline="cleanup", verify=False)
+    with pytest.raises(CompileError, match="is the input model"):
+        res.save(src)
+    assert src.read_bytes() == before
+    res.save(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").exists()

@@ -344,10 +344,12 @@ def _no_elem_type(name: str) -> onnx.ValueInfoProto:
     (onnx.ValueInfoProto(name="pixels"), helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
      "graph input 'pixels' has no type"),
     (_no_elem_type("pixels"), helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
-     "graph input 'pixels' has no type"),
+     "graph input 'pixels' has no element type"),
     (helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [2]), onnx.ValueInfoProto(name="scores"),
      "graph output 'scores' has no type"),
-], ids=["input without type", "input without element type", "output without type"])
+    (helper.make_tensor_value_info("pixels", TensorProto.FLOAT, None), helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [2]), "graph input 'pixels' has no shape"),
+], ids=["input without type", "input without element type", "output without type", "input without shape"])
 def test_graph_input_or_output_without_a_type_is_named(tmp_path, x, y, named):
     path = tmp_path / "untyped.onnx"
     onnx.save_model(_relu(x, y), str(path))
