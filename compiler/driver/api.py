@@ -266,8 +266,10 @@ def check_file(path: Path, proto: onnx.ModelProto | None = None) -> None:
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        cycle = _find_cycle(onnx.load(str(path), load_external_data=False).graph) \
-            if "topologically sorted" in str(e) else None
+        graph = None
+        if "topologically sorted" in str(e):  # the file is read again only when the caller has no proto
+            graph = (proto if proto is not None else onnx.load(str(path), load_external_data=False)).graph
+        cycle = _find_cycle(graph) if graph is not None else None
         if cycle:
             raise ModelLoadError(f"{path}: graph has a cycle: {' -> '.join(cycle)} (ONNX graphs must be "
                                  f"acyclic; re-export the model)") from None
